@@ -1,0 +1,46 @@
+"""`leangpt <command>`: the subcommand table. Each command's module has a main(argv) -> int."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from leangpt.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("leangpt.data.prepare", "clean text, train a tokenizer, write train/val token shards"),
+    "train": ("leangpt.train", "pretrain from scratch or fine-tune a checkpoint"),
+    "eval": ("leangpt.evaluate", "held-out loss, perplexity and bits per byte"),
+    "generate": ("leangpt.generate", "generate text from a prompt"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: leangpt <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run `leangpt <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"leangpt: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return module.main(rest)
+    except UserError as e:
+        print(f"leangpt {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"leangpt {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Model configuration: one dataclass and a table of named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from leangpt.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # maximum context length (learned positions / RoPE cache)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
+    intermediate_size: int | None = None  # MLP hidden width; None means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = True
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" (GPT-2, tanh approximation) | "swiglu"
+    pos: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"model config: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise UserError(f"model config: norm must be layernorm or rmsnorm, got {self.norm!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise UserError(f"model config: mlp must be gelu or swiglu, got {self.mlp!r}")
+        if self.pos not in ("learned", "rope"):
+            raise UserError(f"model config: pos must be learned or rope, got {self.pos!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        self.head_dim = self.n_embd // self.n_head
+
+    @property
+    def is_gpt2(self) -> bool:
+        """True when the architecture is exactly Hugging Face's GPT-2."""
+        return (self.norm, self.mlp, self.pos) == ("layernorm", "gelu", "learned") and self.bias \
+            and self.n_kv_head == self.n_head and self.tie_embeddings
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("head_dim")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"model config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# Widths are multiples of 64 so that group-wise low-bit formats apply.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: well under 1M parameters at a 2k vocabulary.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
+    # Learns Shakespeare usefully on a 2-core CPU in minutes (~10M parameters at an 8k vocabulary).
+    "small-cpu": dict(n_layer=4, n_head=6, n_embd=384, block_size=256),
+    # The published GPT-2 shapes.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+}

@@ -1,0 +1,88 @@
+"""`leangpt eval`: held-out loss, perplexity and bits per byte of a checkpoint on a dataset's val split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from leangpt import cli
+from leangpt.checkpoint import load_checkpoint
+from leangpt.data.shards import Dataset, sequential_windows
+from leangpt.device import autocast, pick_device
+from leangpt.errors import UserError
+
+
+@torch.no_grad()
+def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, token_bytes: np.ndarray, block_size: int,
+                    batch_size: int = 8, max_tokens: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Loss over consecutive windows of the split; bits per byte = total nats / (bytes of the targets x ln 2).
+
+    Bytes are counted per target token (byte-level BPE: every token is a fixed byte string), so any subset
+    of the split gives an exact figure.
+    """
+    if len(tokens) < 2:
+        raise UserError("val split has fewer than 2 tokens: nothing to evaluate")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    windows = list(sequential_windows(tokens, block_size, batch_size, max_tokens))
+    for rows in tqdm(windows, desc="eval", disable=not progress, leave=False):
+        for length in sorted({len(r) for r in rows}):  # the last window can be shorter
+            batch = torch.from_numpy(np.stack([r for r in rows if len(r) == length])).to(device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            with autocast(device):
+                logits = model(x)
+            nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            total_nats += nats.item()
+            total_tokens += y.numel()
+            total_bytes += int(token_bytes[y.cpu().numpy()].sum())
+    model.train(was_training)
+    loss = total_nats / total_tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total_nats / (max(total_bytes, 1) * math.log(2)),
+        "tokens": total_tokens,
+        "bytes": total_bytes,
+    }
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.parser("eval", "Held-out loss, perplexity and bits per byte of a checkpoint on a dataset's val split.")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--data", type=Path, required=True, help="dataset directory made by `leangpt prepare`")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which split to score")
+    p.add_argument("--block-size", type=int, help="context length of each window (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    dataset = Dataset(args.data)
+    model, tokenizer, _ = load_checkpoint(args.model, device)
+    if dataset.manifest.get("tokenizer_sha256") != tokenizer.sha256():
+        raise UserError(f"{args.data} was tokenized with a different tokenizer than {args.model}")
+    block_size = args.block_size or model.config.block_size
+    if not 0 < block_size <= model.config.block_size:
+        raise UserError(f"--block-size must be in 1..{model.config.block_size}")
+    result = evaluate_tokens(model, dataset.tokens(args.split), tokenizer.token_bytes, block_size,
+                             args.batch_size, args.max_tokens, progress=True)
+    result = {"model": str(args.model), "split": args.split, **result}
+    if args.json:
+        cli.print_json(result)
+    else:
+        print(f"{args.split} loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+              f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
+    return 0

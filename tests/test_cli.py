@@ -1,0 +1,53 @@
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leangpt.__main__ import COMMANDS
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    code, out, _ = run_cli([command, "--help"], capsys)
+    assert code == 0 and "usage: leangpt " + command in out
+    module = importlib.import_module(COMMANDS[command][0])
+    for action in module.build_parser()._actions:
+        assert action.help, f"{command}: option {action.option_strings} has no help text"
+
+
+def test_top_level_usage_and_unknown_command(capsys):
+    code, out, _ = run_cli([], capsys)
+    assert code == 2 and "prepare" in out
+    code, _, err = run_cli(["frobnicate"], capsys)
+    assert code == 2 and "unknown command" in err
+
+
+def test_eval_json(tiny_checkpoint, dataset_dir, capsys):
+    code, out, _ = run_cli(["eval", "--model", str(tiny_checkpoint), "--data", str(dataset_dir), "--json"], capsys)
+    result = json.loads(out)
+    assert code == 0 and {"loss", "perplexity", "bits_per_byte"} <= set(result)
+    assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
+
+
+def test_generate_same_seed_same_text(tiny_checkpoint, capsys):
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "The king", "--max-new-tokens", "20", "--seed", "7"]
+    runs = [run_cli(args + ["--json"], capsys) for _ in range(2)]
+    assert runs[0][0] == 0 and runs[0][1] == runs[1][1]
+    assert json.loads(runs[0][1])["text"]
+    code, streamed, _ = run_cli(args, capsys)
+    assert code == 0 and streamed.strip() == ("The king" + json.loads(runs[0][1])["text"]).strip()
+
+
+def test_generate_rejects_too_long_request(tiny_checkpoint, capsys):
+    code, _, err = run_cli(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "500"], capsys)
+    assert code == 2 and "exceed the context" in err
+
+
+def test_user_error_has_no_traceback_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "leangpt", "eval", "--model", str(tmp_path), "--data", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
