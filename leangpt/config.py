@@ -28,6 +28,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     eos_token_id: int | None = None
     bos_token_id: int | None = None
+    # Structured pruning leaves layers of different widths; None means every layer has the sizes above.
+    layer_n_head: list[int] | None = None  # query heads per layer; KV heads keep the n_head / n_kv_head group size
+    layer_intermediate_size: list[int] | None = None  # MLP hidden width per layer
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +54,22 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout}")
         self.head_dim = self.n_embd // self.n_head
+        group = self.n_head // self.n_kv_head
+        for name, unit in (("layer_n_head", group), ("layer_intermediate_size", 1)):
+            sizes = getattr(self, name)
+            if sizes is not None and (len(sizes) != self.n_layer or any(s <= 0 or s % unit for s in sizes)):
+                raise UserError(f"model config: {name} must list {self.n_layer} positive sizes"
+                                f"{f' divisible by {unit}' if unit > 1 else ''}, got {sizes}")
+
+    def layer_heads(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) of one layer; head_dim is the same in every layer."""
+        if self.layer_n_head is None:
+            return self.n_head, self.n_kv_head
+        h = self.layer_n_head[layer]
+        return h, h // (self.n_head // self.n_kv_head)
+
+    def layer_mlp_width(self, layer: int) -> int:
+        return self.intermediate_size if self.layer_intermediate_size is None else self.layer_intermediate_size[layer]
 
     @property
     def is_gpt2(self) -> bool:

@@ -26,22 +26,42 @@ def hf_model_type(config: ModelConfig) -> str:
 
 # ---------------------------------------------------------------- config.json
 
+def _layer_widths(config: ModelConfig) -> tuple[int, int, int, dict[str, list[int]]]:
+    """(query heads, KV heads, MLP width) for Hugging Face's keys, plus leangpt-only keys for per-layer widths
+    that the format cannot express; Hugging Face then refuses those weights by shape rather than misreading them."""
+    heads, kv_heads, width, extra = config.n_head, config.n_kv_head, config.intermediate_size, {}
+    if config.layer_intermediate_size is not None:
+        if len(set(config.layer_intermediate_size)) == 1:
+            width = config.layer_intermediate_size[0]
+        else:
+            extra["leangpt_layer_intermediate_size"] = config.layer_intermediate_size
+    if config.layer_n_head is not None:
+        # GPT-2 derives head_dim from n_embd / n_head, so fewer heads never fit its format.
+        if len(set(config.layer_n_head)) == 1 and hf_model_type(config) == "llama":
+            heads, kv_heads = config.layer_heads(0)
+        else:
+            extra["leangpt_layer_n_head"] = config.layer_n_head
+    return heads, kv_heads, width, extra
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     common = dict(vocab_size=config.vocab_size, bos_token_id=config.bos_token_id,
                   eos_token_id=config.eos_token_id, tie_word_embeddings=config.tie_embeddings)
+    heads, kv_heads, width, extra = _layer_widths(config)
+    common.update(extra)
     if hf_model_type(config) == "gpt2":
         return dict(
             architectures=["GPT2LMHeadModel"], model_type="gpt2",
             n_positions=config.block_size, n_ctx=config.block_size, n_embd=config.n_embd,
-            n_layer=config.n_layer, n_head=config.n_head, n_inner=config.intermediate_size,
+            n_layer=config.n_layer, n_head=heads, n_inner=width,
             activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
             resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
             **common)
     return dict(
         architectures=["LlamaForCausalLM"], model_type="llama",
-        hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
+        hidden_size=config.n_embd, intermediate_size=width,
+        num_hidden_layers=config.n_layer, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=config.head_dim,
         max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_theta,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
@@ -54,7 +74,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     try:
         common = dict(vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
                       eos_token_id=hf.get("eos_token_id"),
-                      tie_embeddings=hf.get("tie_word_embeddings", True))
+                      tie_embeddings=hf.get("tie_word_embeddings", True),
+                      layer_n_head=hf.get("leangpt_layer_n_head"),
+                      layer_intermediate_size=hf.get("leangpt_layer_intermediate_size"))
         if model_type == "gpt2":
             if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
                 raise UserError(f"config.json: unsupported GPT-2 activation {hf['activation_function']!r}")
@@ -68,9 +90,17 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                 raise UserError("config.json: only default RoPE (no scaling) is supported")
             if hf.get("hidden_act", "silu") != "silu":
                 raise UserError(f"config.json: unsupported llama activation {hf['hidden_act']!r}")
+            heads = hf["num_attention_heads"]
+            kv_heads = hf.get("num_key_value_heads") or heads
+            head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+            if heads * head_dim != hf["hidden_size"] and common["layer_n_head"] is None \
+                    and hf["hidden_size"] % head_dim == 0 and heads % kv_heads == 0:
+                # Heads pruned alike in every layer: leangpt keeps n_head at hidden_size / head_dim.
+                common["layer_n_head"] = [heads] * hf["num_hidden_layers"]
+                heads, kv_heads = hf["hidden_size"] // head_dim, hf["hidden_size"] // head_dim // (heads // kv_heads)
             cfg = ModelConfig(
                 block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
-                n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"),
+                n_head=heads, n_kv_head=kv_heads,
                 n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
                 norm="rmsnorm", mlp="swiglu", pos="rope", bias=hf.get("attention_bias", False),
                 rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
@@ -118,9 +148,10 @@ def _llama_names(config: ModelConfig) -> list[tuple[str, str]]:
     return names
 
 
-def _qkv_split(config: ModelConfig) -> list[int]:
+def _qkv_split(config: ModelConfig, layer: int) -> list[int]:
+    heads, kv_heads = config.layer_heads(layer)
     d = config.head_dim
-    return [config.n_head * d, config.n_kv_head * d, config.n_kv_head * d]
+    return [heads * d, kv_heads * d, kv_heads * d]
 
 
 def to_hf_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,7 +164,7 @@ def to_hf_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[s
         out[hf] = sd[ours]
     for i in range(config.n_layer):
         for s in ("weight", "bias") if config.bias else ("weight",):
-            q, k, v = sd[f"blocks.{i}.attn.qkv.{s}"].split(_qkv_split(config), dim=0)
+            q, k, v = sd[f"blocks.{i}.attn.qkv.{s}"].split(_qkv_split(config, i), dim=0)
             for name, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 out[f"model.layers.{i}.self_attn.{name}.{s}"] = t
     return {k: v.contiguous() for k, v in out.items()}

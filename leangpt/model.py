@@ -71,9 +71,9 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        (self.n_head, self.n_kv_head), self.head_dim = config.layer_heads(layer), config.head_dim
         qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
@@ -106,13 +106,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        width = config.layer_mlp_width(layer)
         if self.swiglu:
-            self.gate = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+            self.gate = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,12 +125,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.norm2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x, rope, input_pos, mask):
         x = x + self.attn(self.norm1(x), rope, input_pos, mask)
@@ -143,7 +144,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
