@@ -1,0 +1,184 @@
+"""Pruning on the small-cpu model trained on the embedded corpus: quality, speed, and sparse-vs-dense kernels.
+
+Every variant is scored on the same val tokens (the first --eval-tokens of the val split) against the dense
+model it came from (the peer), in this one process:
+
+  unstructured 50 %   magnitude (per layer and global), Wanda, SparseGPT: perplexity, no recovery
+  N:M 2:4             the same three scores
+  structured          --heads / --neurons removed (`leangpt prune --method structured` as a user runs it),
+                      perplexity before and after --recover-steps of LM-loss recovery, and batch-1 decode speed
+                      (KV cache, greedy, median of repeats) against the dense model
+  sparse kernels      one 50 %-sparse layer as torch CSR vs the dense matmul with zeros, decode (1 row) and
+                      prefill (2048 rows) shapes, at several sparsities
+
+    flock /tmp/leangpt-bench.lock python bench/bench_prune.py --model CKPT --data DATA --json-out bench/prune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from leangpt.calibration import calibration_tokens
+from leangpt.checkpoint import load_checkpoint
+from leangpt.data.shards import Dataset
+from leangpt.evaluate import evaluate_tokens
+from leangpt.model import GPT
+from leangpt.prune import main as prune_main
+from leangpt.prune import prune_model
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: GPT, prompt_len: int = 16, new_tokens: int = 128, repeats: int = 5) -> float:
+    """Batch-1 greedy decode with the KV cache (prefill once, then one token per forward): median tokens/s."""
+    model.eval()
+    total = prompt_len + new_tokens
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    for r in range(repeats + 1):  # the first run warms up
+        model.setup_cache(1, total)
+        t0 = time.perf_counter()
+        logits = model(prompt, torch.arange(prompt_len))[:, -1]
+        for pos in range(prompt_len, total):
+            nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
+            logits = model(nxt, torch.tensor([pos]))[:, -1]
+        if r:
+            times.append(time.perf_counter() - t0)
+    return new_tokens / statistics.median(times)
+
+
+def median_time(fn, repeats: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def sparse_kernels(weight: torch.Tensor, sparsities: list[float]) -> list[dict[str, Any]]:
+    """Dense matmul with zeros vs torch CSR (to_sparse_csr) on one layer's shape, randomly pruned."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for s in sparsities:
+        w = weight.clone()
+        w[torch.rand(w.shape, generator=gen) < s] = 0
+        csr = w.to_sparse_csr()
+        for name, n in (("decode", 1), ("prefill", 2048)):
+            x = torch.randn(n, w.shape[1], generator=gen)
+            xt = x.t().contiguous()
+            torch.testing.assert_close(torch.sparse.mm(csr, xt).t(), F.linear(x, w), atol=1e-3, rtol=1e-3)
+            dense = median_time(lambda: F.linear(x, w))
+            sparse = median_time(lambda: torch.sparse.mm(csr, xt))
+            rows.append({"sparsity": s, "shape": name, "rows": n, "dense_ms": dense * 1e3, "csr_ms": sparse * 1e3,
+                         "csr_speedup": dense / sparse})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="dense checkpoint (small-cpu trained on the embedded corpus)")
+    p.add_argument("--data", type=Path, required=True, help="its dataset dir: calibration (train split) and eval (val)")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="val tokens scored for every variant")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows of block_size tokens")
+    p.add_argument("--heads", type=float, default=0.25, help="structured: fraction of heads removed")
+    p.add_argument("--neurons", type=float, default=0.5, help="structured: fraction of MLP neurons removed")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"], help="structured scope")
+    p.add_argument("--recover-steps", type=int, default=200, help="recovery steps for the structured model")
+    p.add_argument("--recover-set", action="append", default=[], help="extra --set for the recovery run")
+    p.add_argument("--skip", action="append", default=[], help="skip a section: unstructured, nm, structured, kernels")
+    p.add_argument("--json-out", type=Path, default=Path("bench/prune.json"), help="where to write the results")
+    args = p.parse_args()
+
+    dense, tokenizer, _ = load_checkpoint(args.model, "cpu")
+    val = Dataset(args.data).tokens("val")
+    block = dense.config.block_size
+    calib = calibration_tokens(args.data, args.calib_samples, block)
+
+    def ppl(model: GPT) -> float:
+        return evaluate_tokens(model, val, tokenizer.token_bytes, block, 8, args.eval_tokens)["perplexity"]
+
+    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+                                          f"threads, torch {torch.__version__}",
+                               "model": str(args.model), "eval_tokens": args.eval_tokens,
+                               "calib_samples": args.calib_samples}
+    base = ppl(dense)
+    results["dense"] = {"perplexity": base, "params": dense.num_params()}
+    print(f"dense: perplexity {base:.3f}, {dense.num_params():,} parameters", flush=True)
+
+    variants = []
+    if "unstructured" not in args.skip:
+        variants += [("magnitude", None, "layer"), ("magnitude", None, "global"), ("wanda", None, "layer"),
+                     ("sparsegpt", None, "layer")]
+    if "nm" not in args.skip:
+        variants += [(m, (2, 4), "layer") for m in ("magnitude", "wanda", "sparsegpt")]
+    rows = []
+    for method, pattern, scope in variants:
+        t0 = time.perf_counter()
+        model, _, summary = prune_model(copy.deepcopy(dense), method, calib, 0.5, pattern, scope)
+        seconds = time.perf_counter() - t0
+        value = ppl(model)
+        row = {"method": method, "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else "unstructured",
+               "scope": scope, "sparsity": summary["sparsity"], "perplexity": value, "vs_dense": value / base,
+               "prune_s": seconds}
+        rows.append(row)
+        print(f"{method:>9} {row['pattern']:>12} {scope:>6}: sparsity {row['sparsity']:.3f}, perplexity {value:.3f} "
+              f"({row['vs_dense']:.3f}x dense), pruned in {seconds:.1f}s", flush=True)
+    results["unstructured"] = rows
+
+    if "structured" not in args.skip:
+        model, _, summary = prune_model(copy.deepcopy(dense), "structured", calib, heads=args.heads,
+                                        neurons=args.neurons, scope=args.scope)
+        before = ppl(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "s"
+            argv = ["--model", str(args.model), "--method", "structured", "--heads", str(args.heads),
+                    "--neurons", str(args.neurons), "--scope", args.scope, "--calib-data", str(args.data),
+                    "--calib-samples", str(args.calib_samples), "--recover-steps", str(args.recover_steps),
+                    "--device", "cpu", "--out", str(out)]
+            for s in args.recover_set:
+                argv += ["--set", s]
+            t0 = time.perf_counter()
+            prune_main(argv)
+            recover_s = time.perf_counter() - t0
+            recovered, _, _ = load_checkpoint(out, "cpu")
+        after = ppl(recovered)
+        dense_tps, small_tps = decode_tokens_per_s(dense), decode_tokens_per_s(recovered)
+        results["structured"] = {
+            "heads_removed": args.heads, "neurons_removed": args.neurons, "scope": args.scope, **summary,
+            "params": recovered.num_params(), "params_ratio": recovered.num_params() / dense.num_params(),
+            "perplexity_no_recovery": before, "perplexity_recovered": after, "vs_dense": after / base,
+            "recover_steps": args.recover_steps, "prune_and_recover_s": recover_s,
+            "decode_tokens_per_s": small_tps, "dense_decode_tokens_per_s": dense_tps, "decode_speedup": small_tps / dense_tps}
+        print(f"structured (-{args.heads:.0%} heads, -{args.neurons:.0%} neurons, {args.scope}): heads {summary['heads']}, "
+              f"neurons {summary['neurons']}, {recovered.num_params():,} parameters; perplexity {before:.3f} before, "
+              f"{after:.3f} after {args.recover_steps} recovery steps ({after / base:.3f}x dense); decode "
+              f"{small_tps:.1f} vs dense {dense_tps:.1f} tokens/s ({small_tps / dense_tps:.2f}x)", flush=True)
+
+    if "kernels" not in args.skip:
+        weight = dense.blocks[0].mlp.fc.weight.detach()  # (intermediate, n_embd)
+        results["kernels"] = sparse_kernels(weight, [0.5, 0.75, 0.9])
+        for r in results["kernels"]:
+            print(f"kernel {tuple(weight.shape)} sparsity {r['sparsity']:.2f} {r['shape']:>7}: dense {r['dense_ms']:.3f} ms, "
+                  f"CSR {r['csr_ms']:.3f} ms ({r['csr_speedup']:.2f}x)", flush=True)
+
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()
