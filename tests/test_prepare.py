@@ -1,4 +1,5 @@
 import json
+import random
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from leangpt.data.clean import normalize, strip_gutenberg
 from leangpt.data.prepare import prepare
 from leangpt.data.shards import Dataset
 from leangpt.data.tokenizer import TextTokenizer
-from tests.conftest import run_cli, write_corpus
+from tests.conftest import WORDS, run_cli, write_corpus
 
 
 def test_manifest_and_shards(dataset_dir):
@@ -63,18 +64,41 @@ def _dir_with(path, files: dict[str, str]):
     return path
 
 
+LONG = " ".join(random.Random(0).choices(WORDS, k=90))  # passes every default filter
+
+
 @pytest.mark.parametrize("make_source, message", [
     (lambda p: p / "missing", "no such file"),
-    (lambda p: _dir_with(p / "empty", {}), "has no .txt/.md files"),
-    (lambda p: _dir_with(p / "blank", {"a.txt": "  \n\n"}), "no text found"),
-    (lambda p: _dir_with(p / "one", {"a.txt": "just one doc"}), "at least 2 documents"),
+    (lambda p: _dir_with(p / "empty", {}), "has no files matching"),
+    (lambda p: _dir_with(p / "blank", {"a.txt": "  \n\n", "b.md": "\x01\x02 \x7f"}), "removed by: cleaning 2"),
+    (lambda p: _dir_with(p / "short", {"a.txt": "too short", "b.txt": LONG}), "at least 2 documents"),
+    (lambda p: _dir_with(p / "filtered", {"a.txt": "too short", "b.txt": "#" + LONG.replace(" ", " #")}),
+     "removed by: length 1, symbol_ratio 1"),
+    (lambda p: _dir_with(p / "badjson", {"a.jsonl": '{"text": "fine"}\nnot json\n'}), "a.jsonl:2: bad JSONL line"),
+    (lambda p: _dir_with(p / "nofield", {"a.jsonl": '{"body": "x"}\n'}), "a.jsonl:1: bad JSONL line (no field 'text')"),
 ])
 def test_bad_sources_fail_cleanly(tmp_path, capsys, make_source, message):
     source = make_source(tmp_path)
     out = tmp_path / "out"
     code, _, err = run_cli(["prepare", "--source", str(source), "--out", str(out)], capsys)
-    assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_parquet_without_the_column_fails_cleanly(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = " ".join(random.Random(2).choices(WORDS, k=90))
+    pq.write_table(pa.table({"body": [LONG, other, LONG + " more"]}), tmp_path / "t.parquet")
+    code, _, err = run_cli(["prepare", "--source", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "no column 'text' (columns: body)" in err and not (tmp_path / "o").exists()
+    code, out, err = run_cli(["prepare", "--source", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "o"),
+                              "--text-field", "body", "--vocab-size", "300", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["documents_read"] == 3 and summary["documents_kept"] == 2
+    assert summary["removed"]["near_dedup"]["documents"] == 1  # LONG + " more" is a near-duplicate of LONG
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, corpus_dir):

@@ -102,7 +102,8 @@ class TextTokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        """Ids of many texts, encoded in parallel; the fast variant skips offsets (about 2x faster)."""
+        return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)

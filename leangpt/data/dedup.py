@@ -1,0 +1,139 @@
+"""Exact and near-duplicate detection: a digest of normalised text, MinHash over word shingles, LSH banding.
+
+MinHash here is vectorised NumPy: shingle hashes come from `words.ngram_hashes`, and permutation k maps a 64-bit
+shingle hash x to the top 32 bits of (a_k * x + b_k) mod 2**64 (multiply-shift hashing). bench/bench_prepare.py
+measures it against `datasketch.MinHash`, and tests/test_data_dedup.py checks both estimate the true Jaccard.
+
+LSH works on the whole matrix of signatures at once: per band, sort the band's hashes and compare the documents
+whose band is equal. Memory is the (N, num_perm) uint32 signature matrix plus O(N) per band.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from leangpt.data.words import mix64, ngram_hashes
+
+_SPACES = re.compile(r"\s+")
+
+
+def exact_key(text: str) -> bytes:
+    """Digest of the text with case and whitespace normalised: documents that differ only there share it."""
+    return hashlib.blake2b(_SPACES.sub(" ", text.lower()).strip().encode("utf-8"), digest_size=16).digest()
+
+
+class MinHasher:
+    """MinHash signatures of word-shingle sets, num_perm 32-bit values per document."""
+
+    def __init__(self, num_perm: int = 128, shingle: int = 5, seed: int = 1) -> None:
+        if num_perm < 2 or shingle < 1:
+            raise ValueError("num_perm must be at least 2 and shingle at least 1")
+        self.num_perm, self.shingle = num_perm, shingle
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd multipliers
+        self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+
+    def shingles(self, word_hashes: np.ndarray) -> np.ndarray:
+        """The set of shingle hashes (unique, uint64)."""
+        return np.unique(ngram_hashes(word_hashes, self.shingle))
+
+    def signature(self, word_hashes: np.ndarray) -> np.ndarray:
+        """(num_perm,) uint32; a document without words gets all-ones (it matches only other empty documents)."""
+        shingles = self.shingles(word_hashes)
+        best = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+        step = max(1, (1 << 20) // self.num_perm)  # bound the (P, S) temporary to ~8 MB
+        buf = np.empty((self.num_perm, min(step, max(1, len(shingles)))), dtype=np.uint64)
+        for i in range(0, len(shingles), step):
+            x = shingles[i:i + step]
+            h = buf[:, :len(x)]  # (P, S): the reduction runs along contiguous rows, ~8x faster than (S, P)
+            np.multiply(self.a[:, None], x[None, :], out=h)
+            h += self.b[:, None]
+            np.minimum(best, h.min(axis=1), out=best)
+        return (best >> np.uint64(32)).astype(np.uint32)  # the shift is monotone: min, then shift
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm minimising false positives + false negatives around threshold.
+
+    The probability that two documents of Jaccard s share a band is 1 - (1 - s**rows)**bands; the error areas
+    are integrated numerically, the same criterion as datasketch's MinHashLSH with equal weights.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    best, best_err = (1, num_perm), float("inf")
+    lo, hi = np.linspace(0, threshold, 201), np.linspace(threshold, 1, 201)
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            fp = np.trapezoid(1 - (1 - lo**rows) ** bands, lo)
+            fn = np.trapezoid(1 - (1 - (1 - hi**rows) ** bands), hi)
+            if fp + fn < best_err:
+                best, best_err = (bands, rows), fp + fn
+    return best
+
+
+class UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return int(root)
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)  # the earliest document is the root, so the first one is kept
+
+    def groups(self) -> list[list[int]]:
+        """Sets of more than one member, each sorted, ordered by their first member."""
+        by_root: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            by_root.setdefault(self.find(i), []).append(i)
+        return [g for _, g in sorted(by_root.items()) if len(g) > 1]
+
+
+@dataclass
+class NearDupResult:
+    clusters: list[list[int]]  # each: [kept document, removed documents...], indices into the signature matrix
+    pairs: list[tuple[int, int, float]]  # (i, j, estimated Jaccard) of every confirmed candidate pair
+    bands: int
+    rows: int
+
+
+def near_duplicates(signatures: np.ndarray, threshold: float) -> NearDupResult:
+    """Cluster documents whose estimated Jaccard (fraction of equal MinHash values) reaches threshold.
+
+    Candidates share at least one LSH band; a candidate is confirmed against the first document of its bucket,
+    and confirmed pairs are joined transitively (union-find).
+    """
+    n, num_perm = signatures.shape
+    bands, rows = lsh_params(threshold, num_perm)
+    uf = UnionFind(n)
+    pairs: dict[tuple[int, int], float] = {}
+    for band in range(bands):
+        cols = signatures[:, band * rows:(band + 1) * rows].astype(np.uint64)
+        key = cols[:, 0].copy()
+        with np.errstate(over="ignore"):
+            for r in range(1, rows):
+                key = mix64(key * np.uint64(0x9E3779B97F4A7C15) + cols[:, r])
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        run_start = np.flatnonzero(np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]]))
+        run_len = np.diff(np.concatenate([run_start, [n]]))
+        for s, length in zip(run_start[run_len > 1], run_len[run_len > 1]):
+            members = np.sort(order[s:s + length])
+            head = members[0]
+            agree = (signatures[members[1:]] == signatures[head]).mean(axis=1)  # estimated Jaccard vs the head
+            for j, est in zip(members[1:], agree):
+                if est >= threshold:
+                    pairs[(int(head), int(j))] = float(est)
+                    uf.union(int(head), int(j))
+    return NearDupResult(uf.groups(), [(i, j, e) for (i, j), e in sorted(pairs.items())], bands, rows)

@@ -1,0 +1,134 @@
+"""Document quality filters after the Gopher rules (Rae et al. 2021, appendix A), each with a switch and threshold.
+
+A filter returns nothing when the document passes and its name when it does not; the first failing filter (in the
+order of FILTER_NAMES) is the one charged with the removal in the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from leangpt.data.words import Words, ngram_hashes
+
+FILTER_NAMES = ("length", "mean_word_length", "alpha_fraction", "symbol_ratio", "duplicate_lines",
+                "top_ngram", "duplicate_ngram")
+
+
+@dataclass
+class FilterConfig:
+    """Thresholds; Gopher's values except where noted. Each filter has an on/off switch in `enabled`."""
+
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    min_alpha_fraction: float = 0.8  # fraction of words holding at least one letter
+    max_symbol_ratio: float = 0.1  # ('#' + '...' + '…') per word
+    # Gopher also caps the fraction of duplicate lines by count at 0.3; plays put every speaker's name on a line
+    # of its own, which that rule removes, so leangpt uses Gopher's character-weighted version alone.
+    max_duplicate_line_char_fraction: float = 0.2
+    # Fraction of word characters in the most frequent n-gram, n = 2, 3, 4.
+    max_top_ngram_char_fraction: dict[int, float] = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    # Fraction of word characters inside n-grams that occur more than once, n = 5..10.
+    max_duplicate_ngram_char_fraction: dict[int, float] = field(default_factory=lambda: {
+        5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+    enabled: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(FILTER_NAMES, True))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def duplicate_line_char_fraction(text: str) -> float:
+    """Characters in non-blank lines that repeat an earlier line, over the characters of all non-blank lines."""
+    seen: set[str] = set()
+    total = dup = 0
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        total += len(line)
+        if line in seen:
+            dup += len(line)
+        else:
+            seen.add(line)
+    return dup / total if total else 0.0
+
+
+def _bins(grams: np.ndarray) -> np.ndarray:
+    """Hash buckets for n-gram hashes, about 4 per n-gram: bucket counts bound the true counts from above."""
+    size = 1 << max(4, int(len(grams)).bit_length() + 2)
+    return (grams & np.uint64(size - 1)).astype(np.intp)
+
+
+def _top_ngram_upper_bound(w: Words, n: int, total_chars: int) -> float:
+    """At least top_ngram_char_fraction: buckets merge n-grams, never split them. One pass, no sort."""
+    if len(w) < n:
+        return 0.0
+    bins = _bins(ngram_hashes(w.hashes, n))
+    gram_chars = np.convolve(w.chars, np.ones(n, dtype=np.int64), mode="valid")
+    return float(np.bincount(bins, weights=gram_chars).max()) / total_chars
+
+
+def _covered_fraction(w: Words, dup_start: np.ndarray, n: int, total_chars: int) -> float:
+    # A word is covered when a duplicated n-gram starts at one of the n positions up to it.
+    covered = np.convolve(dup_start.astype(np.int32), np.ones(n, dtype=np.int32))[:len(w)] > 0
+    return int(w.chars[covered].sum()) / total_chars
+
+
+def top_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
+    if len(w) < n:
+        return 0.0
+    grams = ngram_hashes(w.hashes, n)
+    uniq, first, counts = np.unique(grams, return_index=True, return_counts=True)
+    best = int(np.argmax(counts))
+    if counts[best] < 2:
+        return 0.0
+    gram_chars = int(w.chars[first[best]:first[best] + n].sum())
+    return counts[best] * gram_chars / total_chars
+
+
+def duplicate_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
+    if len(w) < n:
+        return 0.0
+    grams = ngram_hashes(w.hashes, n)
+    _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
+    return _covered_fraction(w, counts[inverse] > 1, n, total_chars)
+
+
+def failing_filter(text: str, w: Words, cfg: FilterConfig) -> str | None:
+    """The name of the first enabled filter that removes the document, or None when it passes."""
+    on = cfg.enabled
+    n_words = len(w)
+    if on["length"] and not cfg.min_words <= n_words <= cfg.max_words:
+        return "length"
+    if n_words == 0:
+        return None
+    total_chars = int(w.chars.sum())
+    if on["mean_word_length"] and not cfg.min_mean_word_length <= total_chars / n_words <= cfg.max_mean_word_length:
+        return "mean_word_length"
+    if on["alpha_fraction"] and float(w.alpha.mean()) < cfg.min_alpha_fraction:
+        return "alpha_fraction"
+    if on["symbol_ratio"]:
+        symbols = text.count("#") + text.count("...") + text.count("…")
+        if symbols / n_words > cfg.max_symbol_ratio:
+            return "symbol_ratio"
+    if on["duplicate_lines"] and duplicate_line_char_fraction(text) > cfg.max_duplicate_line_char_fraction:
+        return "duplicate_lines"
+    # The cheap upper bounds clear almost every document; the exact (sorting) measure runs only when they do not.
+    if on["top_ngram"]:
+        for n, limit in cfg.max_top_ngram_char_fraction.items():
+            if _top_ngram_upper_bound(w, n, total_chars) > limit and top_ngram_char_fraction(w, n, total_chars) > limit:
+                return "top_ngram"
+    if on["duplicate_ngram"]:
+        limits = sorted(cfg.max_duplicate_ngram_char_fraction.items())
+        for i, (n, limit) in enumerate(limits):
+            frac = duplicate_ngram_char_fraction(w, n, total_chars)
+            if frac > limit:
+                return "duplicate_ngram"
+            # Longer duplicated n-grams cover no more words than shorter ones: the rest cannot fail.
+            if frac <= min(lim for _, lim in limits[i:]):
+                break
+    return None
