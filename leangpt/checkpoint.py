@@ -16,6 +16,7 @@ from leangpt.data.tokenizer import TextTokenizer
 from leangpt.errors import UserError
 from leangpt.fsutil import read_json
 from leangpt.model import GPT
+from leangpt.quant.model import load_quantized
 
 META_FILE = "leangpt.json"
 
@@ -54,6 +55,9 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
     directory = Path(directory)
     config = load_config(directory)
+    quant = read_meta(directory).get("quantization")
+    if quant:  # quantized linears are swapped in and packed for the device (leangpt.quant)
+        return load_quantized(directory, config, quant, _read_tensors(directory), torch.device(device))
     model = GPT(config)
     sd = hf.from_hf_state_dict(config, _read_tensors(directory))
     try:

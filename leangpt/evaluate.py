@@ -20,8 +20,13 @@ from leangpt.errors import UserError
 
 @torch.no_grad()
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, token_bytes: np.ndarray, block_size: int,
-                    batch_size: int = 8, max_tokens: int | None = None, progress: bool = False) -> dict[str, Any]:
+                    batch_size: int = 8, max_tokens: int | None = None, progress: bool = False,
+                    reference: torch.nn.Module | None = None) -> dict[str, Any]:
     """Loss over consecutive windows of the split; bits per byte = total nats / (bytes of the targets x ln 2).
+
+    With a reference model (same vocabulary), also the mean KL(reference || model) of the next-token
+    distributions over the same positions, and how often both rank the same token first (as llama.cpp's
+    perplexity tool reports for quantized models).
 
     Bytes are counted per target token (byte-level BPE: every token is a fixed byte string), so any subset
     of the split gives an exact figure.
@@ -32,6 +37,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, token_bytes: np.
     model.eval()
     device = next(model.parameters()).device
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    total_kl, same_top1 = 0.0, 0
     windows = list(sequential_windows(tokens, block_size, batch_size, max_tokens))
     for rows in tqdm(windows, desc="eval", disable=not progress, leave=False):
         for length in sorted({len(r) for r in rows}):  # the last window can be shorter
@@ -43,15 +49,26 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, token_bytes: np.
             total_nats += nats.item()
             total_tokens += y.numel()
             total_bytes += int(token_bytes[y.cpu().numpy()].sum())
+            if reference is not None:
+                with autocast(device):
+                    ref_logits = reference(x.to(next(reference.parameters()).device))
+                logp = F.log_softmax(logits.float(), -1).reshape(-1, logits.size(-1))
+                ref_logp = F.log_softmax(ref_logits.float().to(device), -1).reshape(-1, logits.size(-1))
+                total_kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+                same_top1 += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
     model.train(was_training)
     loss = total_nats / total_tokens
-    return {
+    result = {
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": total_nats / (max(total_bytes, 1) * math.log(2)),
         "tokens": total_tokens,
         "bytes": total_bytes,
     }
+    if reference is not None:
+        result["kl"] = total_kl / total_tokens
+        result["top1_agreement"] = same_top1 / total_tokens
+    return result
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -62,6 +79,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--block-size", type=int, help="context length of each window (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
+    p.add_argument("--reference", type=Path,
+                   help="checkpoint to compare with: adds the mean KL(reference || model) of next-token "
+                        "distributions over the same windows, and top-1 agreement")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     return p
@@ -77,12 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     block_size = args.block_size or model.config.block_size
     if not 0 < block_size <= model.config.block_size:
         raise UserError(f"--block-size must be in 1..{model.config.block_size}")
+    reference = None
+    if args.reference is not None:
+        reference, ref_tokenizer, _ = load_checkpoint(args.reference, device)
+        if ref_tokenizer.sha256() != tokenizer.sha256():
+            raise UserError(f"--reference {args.reference} has a different tokenizer than {args.model}")
+        if block_size > reference.config.block_size:
+            raise UserError(f"--reference {args.reference} has a context of {reference.config.block_size}, "
+                            f"shorter than the block size {block_size}")
     result = evaluate_tokens(model, dataset.tokens(args.split), tokenizer.token_bytes, block_size,
-                             args.batch_size, args.max_tokens, progress=True)
+                             args.batch_size, args.max_tokens, progress=True, reference=reference)
     result = {"model": str(args.model), "split": args.split, **result}
+    if reference is not None:
+        result["reference"] = str(args.reference)
     if args.json:
         cli.print_json(result)
     else:
         print(f"{args.split} loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
               f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
+        if reference is not None:
+            print(f"KL(reference || model) {result['kl']:.5f} nats/token  "
+                  f"top-1 agreement {result['top1_agreement']:.2%}")
     return 0

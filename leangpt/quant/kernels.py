@@ -1,0 +1,272 @@
+"""Drop-in quantized linear modules, one per compute kernel, and the per-device choice among them.
+
+Each module is built from a device-independent QuantizedWeight and packs it for its kernel on the target
+device at load. `reference` dequantizes one layer's weight per call and runs F.linear: slow, obviously
+correct, and what tests compare every other kernel against. Which kernel is fastest depends on the
+machine (torch's int8/int4 "pack" kernels are tuned for AVX-512/AMX CPUs and GPUs; FBGEMM's dynamic int8
+linear is fast on AVX2 CPUs), so `choose_kernel` times the correct candidates once per
+(machine, torch version, threads, scheme, layer shape) on a one-token input and caches the result in
+$LEANGPT_CACHE_DIR/quant_kernels.json (default ~/.cache/leangpt). LEANGPT_QUANT_KERNEL=name forces one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leangpt.errors import UserError
+from leangpt.fsutil import atomic_write_text
+from leangpt.quant.formats import QuantizedWeight, Scheme, quantize_rtn
+
+
+class QuantLinear(nn.Module):
+    """Base: y = x Wᵀ + b with W held in a kernel-specific packed form. `bias` is the only saved tensor."""
+
+    kernel = ""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = qw.in_features, qw.out_features, qw.scheme
+        self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return True
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, {self.scheme.name}, kernel={self.kernel}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]))  # (N, out)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReferenceLinear(QuantLinear):
+    """Dequantize this layer's weight on every call, then F.linear. Any scheme, any device."""
+
+    kernel = "reference"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self.qw = QuantizedWeight(qw.scheme, qw.qweight.to(device), qw.scales.to(device),
+                                  None if qw.zeros is None else qw.zeros.to(device), qw.in_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qw.dequantize(x.dtype))
+
+
+class Int8PackLinear(QuantLinear):
+    """torch._weight_int8pack_mm: int8 weight-only, activations stay in float."""
+
+    kernel = "int8pack"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self.register_buffer("q", qw.qweight.to(device), persistent=False)
+        self.register_buffer("scales", qw.scales.to(device), persistent=False)
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return scheme.bits == 8 and hasattr(torch, "_weight_int8pack_mm")
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.q, self.scales.to(x.dtype))
+
+
+class Int4PackCPULinear(QuantLinear):
+    """torch._weight_int4pack_mm_for_cpu: int4 group-wise weight-only. Needs in_features % group_size == 0
+    and out_features % 16 == 0.
+
+    torch's format dequantizes as (q - 8) · s + m, so our (q - z) · s is stored with m = (8 - z) · s.
+    """
+
+    kernel = "int4pack"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self.group_size = qw.scheme.group_size
+        q = qw.int_weight().to(torch.int32)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        mins = (8 - qw.zeros.float()) * qw.scales
+        sz = torch.stack((qw.scales, mins), dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
+        self.register_buffer("scales_zeros", sz, persistent=False)
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return (scheme.bits == 4 and device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+                and scheme.group_size in (32, 64, 128, 256) and in_features % scheme.group_size == 0
+                and out_features % 16 == 0)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros.to(x.dtype))
+
+
+def _fbgemm_prepack(w_int: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> object:
+    """Pack per-output-channel affine int8 weights for torch.ops.quantized.linear_dynamic."""
+    with warnings.catch_warnings():  # quantized-tensor constructors warn of deprecation; FBGEMM still needs them
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(w_int.to(torch.int8), scales.double(), zero_points.long(), 0)
+        return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def _fbgemm_available(device: torch.device) -> bool:
+    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class FbgemmLinear(QuantLinear):
+    """FBGEMM's dynamic int8 linear (w8a8): activations are quantized per call to 7-bit-range uint8 (one
+    scale per call, as torch.ao's quantize_dynamic does), weights are the stored int8 per-channel integers."""
+
+    kernel = "fbgemm"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self.packed = _fbgemm_prepack(qw.qweight, qw.scales, torch.zeros(qw.out_features))
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return scheme.bits == 8 and _fbgemm_available(device)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+
+
+class FbgemmGroupsLinear(QuantLinear):
+    """int4 groups on FBGEMM's int8 kernel: each group of columns is exactly an int8 per-channel affine
+    matrix (q ∈ [0, 15], zero point z, scale s), so y = Σ_g linear_dynamic(x_g, W_g). One call per group."""
+
+    kernel = "fbgemm-groups"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        g = qw.scheme.group_size
+        q = qw.int_weight()
+        self.splits = [min(g, qw.in_features - s) for s in range(0, qw.in_features, g)]
+        self.packed = [_fbgemm_prepack(q[:, i * g:i * g + n], qw.scales[:, i], qw.zeros[:, i])
+                       for i, n in enumerate(self.splits)]
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return scheme.bits == 4 and _fbgemm_available(device)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.float().split(self.splits, dim=-1)
+        y = torch.ops.quantized.linear_dynamic(parts[0], self.packed[0], True)
+        for part, packed in zip(parts[1:], self.packed[1:]):
+            y += torch.ops.quantized.linear_dynamic(part, packed, True)
+        return y.to(x.dtype)
+
+
+KERNELS: dict[str, type[QuantLinear]] = {k.kernel: k for k in (
+    ReferenceLinear, FbgemmLinear, FbgemmGroupsLinear, Int8PackLinear, Int4PackCPULinear)}
+
+# Relative output error a kernel may show against `reference` and still count as correct: float
+# rounding for weight-only kernels, 7-bit dynamic activation quantization for FBGEMM (~1 %).
+TOLERANCE = {"reference": 1e-5, "int8pack": 1e-3, "int4pack": 1e-3, "fbgemm": 0.05, "fbgemm-groups": 0.05}
+
+
+def candidates(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> list[str]:
+    return [name for name, cls in KERNELS.items() if cls.available(scheme, device, out_features, in_features)]
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{model}:{torch.backends.cpu.get_cpu_capability()}:threads={torch.get_num_threads()}"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("LEANGPT_CACHE_DIR") or Path.home() / ".cache" / "leangpt"
+    return Path(root) / "quant_kernels.json"
+
+
+def _time_call(fn, device: torch.device, calls: int = 20, repeats: int = 5) -> float:
+    """Median seconds per call, after warm-up."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t0) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def benchmark_kernels(scheme: Scheme, out_features: int, in_features: int, device: torch.device) -> dict[str, float | None]:
+    """Seconds per one-token call of each candidate kernel on a random layer; None where it is wrong or fails."""
+    gen = torch.Generator().manual_seed(0)
+    qw = quantize_rtn(torch.randn(out_features, in_features, generator=gen) * 0.02, scheme)
+    x = torch.randn(1, in_features, generator=gen).to(device)
+    ref = ReferenceLinear(qw, None, device)(x)
+    result: dict[str, float | None] = {}
+    for name in candidates(scheme, device, out_features, in_features):
+        try:
+            module = KERNELS[name](qw, None, device)
+            ok = relative_error(module(x), ref) <= TOLERANCE[name]
+        except (RuntimeError, NotImplementedError):
+            ok = False  # e.g. a kernel this build or device lacks
+        result[name] = _time_call(lambda: module(x), device) if ok else None
+    return result
+
+
+def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: torch.device,
+                  forced: str | None = None) -> str:
+    """The kernel for one layer shape: forced (argument or LEANGPT_QUANT_KERNEL), else the fastest correct
+    one by a cached one-time micro-benchmark."""
+    forced = forced or os.environ.get("LEANGPT_QUANT_KERNEL") or None
+    names = candidates(scheme, device, out_features, in_features)
+    if forced:
+        if forced not in KERNELS:
+            raise UserError(f"unknown quantized kernel {forced!r}; choose from {', '.join(KERNELS)}")
+        if forced not in names:
+            raise UserError(f"kernel {forced!r} cannot run {scheme.name} with {in_features} inputs on {device}")
+        return forced
+    if len(names) == 1:
+        return names[0]
+    key = f"{_device_key(device)}|torch={torch.__version__}|{scheme.name}|{out_features}x{in_features}"
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key not in cache or not set(names) <= set(cache[key]):
+        cache[key] = benchmark_kernels(scheme, out_features, in_features, device)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+        except OSError:
+            pass  # a read-only home only costs re-measuring next time
+    timings = {k: v for k, v in cache[key].items() if v is not None and k in names}
+    return min(timings, key=timings.get) if timings else "reference"

@@ -1,0 +1,242 @@
+"""Quantization: formats and kernels against dequantize-then-matmul, GPTQ against RTN, kernel choice,
+and the `leangpt quantize` checkpoint through load, eval --reference and generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from leangpt.checkpoint import load_checkpoint, load_model
+from leangpt.errors import UserError
+from leangpt.generate import SamplingConfig, generate_ids
+from leangpt.quant import kernels
+from leangpt.quant.formats import QuantizedWeight, Scheme, pack_int4, quantize_rtn, unpack_int4
+from leangpt.quant.gptq import gptq_quantize
+from leangpt.quant.kernels import KERNELS, TOLERANCE, candidates, choose_kernel, relative_error
+from leangpt.quant.model import kernels_used
+
+CPU = torch.device("cpu")
+SCHEMES = [Scheme(8), Scheme(4, 32), Scheme(4, 64), Scheme(4, 48)]
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    """Each test measures into its own cache, and no forced kernel leaks in from the environment."""
+    monkeypatch.setenv("LEANGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LEANGPT_QUANT_KERNEL", raising=False)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", [(96, 128), (40, 100), (64, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_kernel_equals_dequantize_then_matmul(scheme, shape):
+    out_f, in_f = shape  # 100 and 7 are not multiples of any group size: the last group is shorter
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_f, in_f, generator=gen)
+    bias = torch.randn(out_f, generator=gen)
+    qw = quantize_rtn(w, scheme)
+    x = torch.randn(2, 5, in_f, generator=gen)
+    ref = F.linear(x, qw.dequantize(), bias)
+    names = candidates(scheme, CPU, out_f, in_f)
+    assert "reference" in names
+    for name in names:
+        y = KERNELS[name](qw, bias, CPU)(x)
+        assert y.shape == (2, 5, out_f)
+        assert relative_error(y, ref) <= TOLERANCE[name], name
+    # the quantization itself is close to the float weight (4 bits: coarse; 8 bits: fine)
+    assert relative_error(qw.dequantize(), w) < (0.12 if scheme.bits == 4 else 0.01)
+
+
+def test_int4_packing_round_trip_and_format():
+    q = torch.randint(0, 16, (5, 9))
+    packed = pack_int4(q)
+    assert packed.shape == (5, 5) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, 9), q.to(torch.uint8))
+    qw = quantize_rtn(torch.randn(5, 9), Scheme(4, 4))
+    assert qw.scales.shape == (5, 3) and qw.zeros.shape == (5, 3)  # groups of 4, 4, 1
+    assert int(qw.int_weight().max()) <= 15
+
+
+def test_rtn_keeps_zero_exact_and_bad_schemes_fail():
+    w = torch.randn(8, 64)
+    w[:, :3] = 0
+    for scheme in (Scheme(8), Scheme(4, 32)):
+        assert torch.all(quantize_rtn(w, scheme).dequantize()[:, :3] == 0)
+    for bits, g in ((4, None), (4, 7), (8, 64), (3, None)):
+        with pytest.raises(UserError):
+            Scheme(bits, g)
+    qw = quantize_rtn(w, Scheme(4, 32))
+    with pytest.raises(UserError):
+        QuantizedWeight.from_tensors(Scheme(4, 16), qw.tensors("l"), "l", 64, 8)  # wrong group count
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 32)], ids=lambda s: s.name)
+def test_gptq_beats_rtn_on_correlated_inputs(scheme):
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_out = 128, 64
+    # Inputs living near a low-dimensional subspace, with a few large features: GPTQ's use case.
+    X = torch.randn(4096, 12, generator=gen) @ torch.randn(12, n_in, generator=gen)
+    X = X + 0.05 * torch.randn(4096, n_in, generator=gen)
+    X[:, :4] *= 8
+    H = 2 * X.T @ X / len(X)
+    w = torch.randn(n_out, n_in, generator=gen)
+
+    def out_err(qw: QuantizedWeight) -> float:
+        return relative_error(X @ qw.dequantize().T, X @ w.T)
+
+    rtn = out_err(quantize_rtn(w, scheme))
+    gptq = out_err(gptq_quantize(w, H, scheme, block_size=32))
+    act = out_err(gptq_quantize(w, H, scheme, act_order=True))
+    assert gptq < 0.7 * rtn and act < 0.7 * rtn, (rtn, gptq, act)
+
+
+def test_gptq_dead_inputs_and_format():
+    H = torch.eye(64)
+    H[5, 5] = 0  # input never seen in calibration
+    qw = gptq_quantize(torch.randn(16, 64), H, Scheme(4, 32))
+    assert qw.dequantize()[:, 5].abs().max() == 0
+    assert qw.qweight.dtype == torch.uint8 and qw.scales.shape == (16, 2)
+
+
+def test_kernel_choice_is_measured_once_then_cached(monkeypatch, tmp_path):
+    scheme = Scheme(8)
+    first = choose_kernel(scheme, 32, 64, CPU)
+    cache = json.loads((tmp_path / "cache" / "quant_kernels.json").read_text())
+    (timings,) = cache.values()
+    assert set(timings) == set(candidates(scheme, CPU, 32, 64)) and first in timings
+
+    def no_benchmark(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(kernels, "benchmark_kernels", no_benchmark)
+    assert choose_kernel(scheme, 32, 64, CPU) == first
+    monkeypatch.setenv("LEANGPT_QUANT_KERNEL", "reference")
+    assert choose_kernel(scheme, 32, 64, CPU) == "reference"
+    with pytest.raises(UserError):
+        choose_kernel(scheme, 32, 64, CPU, forced="int4pack")  # int4 kernel for int8 weights
+    with pytest.raises(UserError):
+        choose_kernel(scheme, 32, 64, CPU, forced="nope")
+
+
+def dequantized_twin(float_dir, quant_dir) -> nn.Module:
+    """The float model with each quantized layer's weight replaced by its dequantized integers."""
+    model = load_model(float_dir)
+    meta = json.loads((quant_dir / "leangpt.json").read_text())["quantization"]
+    scheme = Scheme.from_dict(meta["scheme"])
+    tensors = load_file(str(quant_dir / "model.safetensors"))
+    for name in meta["layers"]:
+        lin = model.get_submodule(name)
+        qw = QuantizedWeight.from_tensors(scheme, tensors, name, lin.in_features, lin.out_features)
+        lin.weight = nn.Parameter(qw.dequantize())  # unties a quantized head from the embedding
+    return model
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny_checkpoint, dataset_dir):
+    """Quantized tiny checkpoints made by the command line."""
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for name, argv in {
+        "int8": ["--method", "int8"],
+        "int4": ["--method", "int4", "--group-size", "32", "--quantize-head"],
+        "gptq4": ["--method", "gptq-int4", "--group-size", "32", "--calib-data", str(dataset_dir),
+                  "--calib-samples", "16", "--calib-seq-len", "64"],
+    }.items():
+        from leangpt.quantize import main
+        assert main(["--model", str(tiny_checkpoint), "--out", str(root / name), *argv]) == 0
+        out[name] = root / name
+    return out
+
+
+def test_quantized_checkpoint_format(quantized, tiny_checkpoint):
+    meta = json.loads((quantized["int4"] / "leangpt.json").read_text())
+    q = meta["quantization"]
+    assert q["scheme"] == {"bits": 4, "group_size": 32} and "lm_head" in q["layers"]
+    assert 4 < q["bits_per_weight"] < 6  # 4 bits + a float scale and a uint8 zero per 32 weights
+    tensors = load_file(str(quantized["int4"] / "model.safetensors"))
+    assert tensors["blocks.0.mlp.fc.qweight"].dtype == torch.uint8
+    assert not any(k.endswith(".weight") and ("attn" in k or "mlp" in k) for k in tensors)
+    assert json.loads((quantized["int8"] / "config.json").read_text()) == \
+        json.loads((tiny_checkpoint / "config.json").read_text())
+
+
+@pytest.mark.parametrize("which", ["int8", "int4", "gptq4"])
+def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_checkpoint, which, monkeypatch):
+    twin = dequantized_twin(tiny_checkpoint, quantized[which])
+    x = torch.randint(0, twin.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = twin(x)
+    prompt = [1, 2, 3, 4]
+    greedy = SamplingConfig(temperature=0)
+    ref_text = list(generate_ids(twin, prompt, 24, greedy))
+    weight_only = {"reference", "int8pack", "int4pack"}  # float activations: same greedy text
+    scheme = Scheme(8) if which == "int8" else Scheme(4, 32)
+    vocab = twin.config.vocab_size  # a quantized head's shape may rule kernels out
+    for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):
+        monkeypatch.setenv("LEANGPT_QUANT_KERNEL", kernel)
+        model = load_model(quantized[which])
+        assert set(kernels_used(model)) == {kernel}
+        with torch.no_grad():
+            assert relative_error(model(x), ref) <= TOLERANCE[kernel], kernel
+        if kernel in weight_only:
+            assert list(generate_ids(model, prompt, 24, greedy)) == ref_text, kernel
+
+
+def test_gptq_checkpoint_is_closer_to_float_than_rtn(quantized, tiny_checkpoint, dataset_dir, capsys):
+    float_model = load_model(tiny_checkpoint)
+    from leangpt.data.shards import Dataset
+    from leangpt.evaluate import evaluate_tokens
+    tokens = Dataset(dataset_dir).tokens("val")
+    _, tokenizer, _ = load_checkpoint(tiny_checkpoint)
+    kl = {}
+    for which in ("int8", "gptq4"):
+        r = evaluate_tokens(load_model(quantized[which]), tokens, tokenizer.token_bytes, 64, max_tokens=4096,
+                            reference=float_model)
+        kl[which] = r["kl"]
+        assert 0 < r["kl"] and 0.5 < r["top1_agreement"] <= 1
+    assert kl["int8"] < kl["gptq4"]  # 8 bits lose less than 4
+    same = evaluate_tokens(float_model, tokens, tokenizer.token_bytes, 64, max_tokens=2048, reference=float_model)
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1
+
+
+def test_eval_reference_cli(quantized, tiny_checkpoint, dataset_dir, capsys):
+    code, out, err = run_cli(["eval", "--model", str(quantized["gptq4"]), "--data", str(dataset_dir),
+                              "--reference", str(tiny_checkpoint), "--max-tokens", "2048", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"loss", "perplexity", "bits_per_byte", "kl", "top1_agreement"} <= set(result) and result["kl"] > 0
+
+
+def test_generate_on_quantized_checkpoint(quantized, capsys):
+    code, out, err = run_cli(["generate", "--model", str(quantized["int4"]), "--prompt", "The king",
+                              "--max-new-tokens", "8", "--seed", "1", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["tokens"] >= 1
+
+
+def test_quantize_user_errors(quantized, tiny_checkpoint, tmp_path, capsys):
+    cases = [
+        ["--method", "gptq-int4", "--out", str(tmp_path / "a")],  # no calibration data
+        ["--method", "int4", "--group-size", "7", "--out", str(tmp_path / "b")],
+        ["--method", "int8", "--out", str(quantized["int8"])],  # exists
+    ]
+    for argv in cases:
+        code, _, err = run_cli(["quantize", "--model", str(tiny_checkpoint), *argv], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+    code, _, err = run_cli(["quantize", "--model", str(quantized["int8"]), "--method", "int8",
+                            "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "already quantized" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_quantized_checkpoint_runs_on_cuda(quantized, tiny_checkpoint):
+    twin = dequantized_twin(tiny_checkpoint, quantized["gptq4"]).cuda()
+    model = load_model(quantized["gptq4"], "cuda")
+    x = torch.randint(0, twin.config.vocab_size, (2, 20), device="cuda")
+    with torch.no_grad():
+        assert relative_error(model(x), twin(x)) < 1e-3
