@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("leangpt.train", "pretrain from scratch or fine-tune a checkpoint"),
     "eval": ("leangpt.evaluate", "held-out loss, perplexity and bits per byte"),
     "generate": ("leangpt.generate", "generate text from a prompt"),
+    "quantize": ("leangpt.quantize", "int8 / int4 weight quantization, round-to-nearest or GPTQ"),
     "prune": ("leangpt.prune", "unstructured, N:M and structured (smaller dense model) pruning"),
 }
 
