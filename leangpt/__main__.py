@@ -12,7 +12,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("leangpt.train", "pretrain from scratch or fine-tune a checkpoint"),
     "eval": ("leangpt.evaluate", "held-out loss, perplexity and bits per byte"),
     "generate": ("leangpt.generate", "generate text from a prompt"),
-    "distill": ("leangpt.distill", "train a smaller student from a teacher (soft targets, layer-initialised)"),
     "quantize": ("leangpt.quantize", "int8 / int4 weight quantization, round-to-nearest or GPTQ"),
     "prune": ("leangpt.prune", "unstructured, N:M and structured (smaller dense model) pruning"),
 }
