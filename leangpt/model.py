@@ -64,9 +64,15 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # input_pos: (T,); k, v: (B, Hkv, T, D)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        # input_pos: (T,) shared by every row, or (B, T) per row (a batch of prompts of different lengths);
+        # k, v: (B, Hkv, T, D)
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+            self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed view is (B, T, Hkv, D)
+            self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         return self.k, self.v
 
 
@@ -187,7 +193,12 @@ class GPT(nn.Module):
         self.cache_len = max_len
 
     def forward_hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, C). With input_pos (T,), reads and writes the KV cache."""
+        """Final normalised hidden states (B, T, C).
+
+        With input_pos, reads and writes the KV cache: (T,) positions shared by every row, or (B, T) positions
+        per row, so that right-padded prompts of different lengths decode in one batch (each row's position
+        is its cache slot; a slot past a row's prompt is overwritten by its own decode before it is attended).
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -196,12 +207,18 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         x = self.drop(x)
-        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.pos == "rope" else None
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D), or (B, T, D) per row
+            if pos.dim() == 2:
+                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, D)
         mask = None
         if input_pos is not None:
             # Query at position p sees cache slots 0..p.
             key_pos = torch.arange(self.cache_len, device=idx.device)
-            mask = key_pos[None, :] <= input_pos[:, None]  # (T, max_len)
+            mask = key_pos <= input_pos[..., None]  # (T, max_len), or (B, T, max_len) per row
+            if mask.dim() == 3:
+                mask = mask.unsqueeze(1)  # (B, 1, T, max_len)
         for block in self.blocks:
             x = block(x, rope, input_pos, mask)
         return self.norm_f(x)
