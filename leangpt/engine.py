@@ -1,0 +1,186 @@
+"""The generation engine, gpt-fast's shape: a KV cache allocated once, one prefill, then one-token decode steps.
+
+It depends only on the model interface: `setup_cache(batch, max_len)`, `forward(idx, input_pos) -> logits`
+(input_pos (T,) shared by every row, or (B, T) per row), `config.block_size` and `config.vocab_size`; so plain,
+llama-style, quantized (swapped linear modules) and structurally pruned models all run through it.
+
+Prompts of different lengths are right-padded and decoded with per-row positions: row b's next token sits at
+cache slot len_b + step. Each row stops on its own (a stop token, its token budget, or `Generation.stop`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from leangpt.errors import UserError
+from leangpt.sampling import Sampler, SamplingConfig, token_logprobs
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # tokens that end the row (not part of the output), e.g. end-of-text
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]  # of each token in `tokens`, under the model (before sampling filters)
+    finish_reason: str  # "stop" (a stop token or Generation.stop) or "length"
+
+
+def check_request(req: Request, block_size: int) -> None:
+    if not req.prompt:
+        raise UserError("the prompt is empty")
+    if req.max_new_tokens < 1:
+        raise UserError(f"max new tokens must be >= 1, got {req.max_new_tokens}")
+    if len(req.prompt) + req.max_new_tokens > block_size:
+        raise UserError(f"prompt ({len(req.prompt)} tokens) + max new tokens ({req.max_new_tokens}) exceed the "
+                        f"context of {block_size}")
+    req.sampling.validate()
+
+
+class Engine:
+    """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile)
+    and falls back to eager, with a note in `compile_error`, if compiling fails."""
+
+    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.compile = compile
+        self.compile_error: str | None = None
+        self._decode_compiled = torch.compile(self._decode_eager, fullgraph=True, dynamic=False) if compile else None
+        self._cache_shape: tuple[int, int] | None = None
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def _decode_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, input_pos)[:, -1]  # (B, V)
+
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for one new token per row: tokens (B, 1) at input_pos (1,) or (B, 1)."""
+        if self._decode_compiled is not None:
+            try:
+                return self._decode_compiled(tokens, input_pos)
+            except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager, say why
+                self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self._decode_compiled = None
+        return self._decode_eager(tokens, input_pos)
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """Allocate the cache unless the current one already fits (same batch, at least max_len slots)."""
+        if self.compile:
+            # Round up so that requests of nearby lengths reuse one compiled graph.
+            max_len = min(-(-max_len // 128) * 128, self.block_size)
+        if self._cache_shape is not None and self._cache_shape[0] == batch and self._cache_shape[1] >= max_len:
+            return
+        self.model.setup_cache(batch, max_len)
+        self._cache_shape = (batch, max_len)
+
+    def start(self, requests: list[Request]) -> "Generation":
+        for r in requests:
+            check_request(r, self.block_size)
+        return Generation(self, requests)
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Run a batch to the end without streaming; the host checks for finished rows every few steps only."""
+        gen = self.start(requests)
+        gen.run(sync_every=16)
+        return gen.completions
+
+
+class Generation:
+    """One batched generation. Iterate it for the tokens of each step as they come: a list of (row, token)
+    for the rows still running. Call stop(row) to end a row early (e.g. on a stop string)."""
+
+    def __init__(self, engine: Engine, requests: list[Request]) -> None:
+        self.engine, self.requests = engine, requests
+        self.prefill_s = self.decode_s = 0.0  # prefill_s covers the first token: time to first token
+        self.decode_steps = 0
+        self._stopped: set[int] = set()
+        self.completions: list[Completion] = []
+
+    def stop(self, row: int) -> None:
+        self._stopped.add(row)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for tokens, emitted in self._steps(sync_every=1):
+            yield [(row, tok) for row, (tok, live) in enumerate(zip(tokens.tolist(), emitted.tolist())) if live]
+
+    def run(self, sync_every: int = 16) -> None:
+        for _ in self._steps(sync_every):
+            pass
+
+    @torch.inference_mode()
+    def _steps(self, sync_every: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (tokens (B,), emitted (B,) bool) per step; fills self.completions at the end."""
+        eng, reqs, dev = self.engine, self.requests, self.engine.device
+        B = len(reqs)
+        lens = [len(r.prompt) for r in reqs]
+        P, N = max(lens), max(r.max_new_tokens for r in reqs)
+        eng.setup_cache(B, max(n + r.max_new_tokens for n, r in zip(lens, reqs)))
+        sampler = Sampler([r.sampling for r in reqs], [r.seed for r in reqs], [r.prompt for r in reqs],
+                          eng.model.config.vocab_size, dev)
+        budget = torch.tensor([r.max_new_tokens for r in reqs], device=dev)
+        width = max(1, max(len(r.stop_ids) for r in reqs))
+        stop_ids = torch.tensor([list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs], device=dev)
+        out = torch.zeros(B, N, dtype=torch.long, device=dev)  # (B, N) emitted tokens
+        out_lp = torch.zeros(B, N, device=dev)
+        emitted = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        hit_stop = torch.zeros(B, dtype=torch.bool, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+
+        t0 = time.perf_counter()
+        idx = torch.zeros(B, P, dtype=torch.long, device=dev)  # right-padded prompts
+        for row, r in enumerate(reqs):
+            idx[row, :len(r.prompt)] = torch.tensor(r.prompt, device=dev)
+        if len(set(lens)) == 1:
+            pos = torch.tensor([P], device=dev)  # (1,) shared by all rows
+            logits = eng.model(idx, torch.arange(P, device=dev))[:, -1]  # (B, V)
+        else:
+            pos = torch.tensor(lens, device=dev)[:, None]  # (B, 1)
+            logits = eng.model(idx, torch.arange(P, device=dev).expand(B, P))  # (B, P, V)
+            logits = logits[torch.arange(B, device=dev), pos[:, 0] - 1]  # each row's last prompt token
+        for step in range(N):
+            tok = sampler.sample(logits)
+            live = ~done
+            is_stop = (tok[:, None] == stop_ids).any(-1) & live
+            hit_stop |= is_stop
+            emit = live & ~is_stop
+            out[:, step], out_lp[:, step], emitted[:, step] = tok, token_logprobs(logits, tok), emit
+            done = done | is_stop | (step + 1 >= budget)
+            sampler.observe(tok, emit)
+            if step == 0:
+                self.prefill_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            if sync_every == 1 or (step + 1) % sync_every == 0:
+                yield tok, emit
+                if self._stopped:
+                    stopped = torch.tensor(sorted(self._stopped), device=dev)
+                    done[stopped] = True
+                    hit_stop[stopped] = True
+                if bool(done.all()):
+                    break
+            if step + 1 == N:
+                break
+            logits = eng.decode(tok[:, None], pos)
+            # Per-row positions: a finished row keeps its slot, so it never runs past its part of the cache.
+            pos = pos + (~done).long()[:, None] if pos.dim() == 2 else pos + 1
+            self.decode_steps += 1
+        self.decode_s = time.perf_counter() - t0
+        self.completions = []
+        for row in range(B):
+            keep = emitted[row]
+            self.completions.append(Completion(
+                tokens=out[row][keep].tolist(), logprobs=out_lp[row][keep].tolist(),
+                finish_reason="stop" if bool(hit_stop[row]) else "length"))

@@ -1,0 +1,223 @@
+"""The generation engine against slow, obviously-correct references: full forwards without a cache, each
+prompt alone, Hugging Face's logits processors, and the exact distribution for the samplers."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers.generation.logits_process as hf_lp
+
+from leangpt.config import ModelConfig
+from leangpt.engine import Engine, Request
+from leangpt.errors import UserError
+from leangpt.model import GPT
+from leangpt.sampling import Sampler, SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0)
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1, tie_embeddings=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models decode faster on one thread, and far faster when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig.from_preset("tiny", vocab_size=300, **kw)).eval()
+    # Larger weights than GPT-2's init make sharper distributions, so greedy choices are far from ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    return model
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """gpt-fast's drop-in quantized linear: int8 weights, one scale per output channel, no float weight."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.qweight.float() * self.scale, self.bias)
+
+
+def swap_linears(model: nn.Module, make) -> nn.Module:
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, make(child))
+    return model
+
+
+VARIANTS = {
+    "gpt2": lambda: tiny(),
+    "llama-gqa": lambda: tiny(**LLAMA),
+    "pruned-widths": lambda: tiny(n_head=4, layer_n_head=[4, 2], layer_intermediate_size=[256, 96]),
+    "quantized-int8": lambda: swap_linears(tiny(), WeightOnlyInt8Linear),
+}
+
+
+@torch.no_grad()
+def reference_greedy(model: nn.Module, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """A full forward over the whole sequence for every new token: no cache at all."""
+    seq, lps = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[0, -1]
+        tok = int(logits.argmax())
+        lps.append(float(torch.log_softmax(logits, -1)[tok]))
+        seq.append(tok)
+    return seq[len(prompt):], lps
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_decode_equals_full_forward_for_every_variant(variant):
+    model = VARIANTS[variant]()
+    prompt = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref_tokens, ref_lps = reference_greedy(model, prompt, 20)
+    [c] = Engine(model).generate([Request(prompt, 20, GREEDY)])
+    assert c.tokens == ref_tokens and c.finish_reason == "length"
+    torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(ref_lps), atol=1e-4, rtol=0)
+
+
+def test_dynamic_int8_kernels_run_through_the_engine():
+    # FBGEMM's dynamic int8 Linear quantizes activations per call, so only shapes and validity are checked.
+    with pytest.warns(Warning):
+        model = torch.ao.quantization.quantize_dynamic(tiny(), {nn.Linear}, dtype=torch.qint8)
+    [c] = Engine(model).generate([Request([1, 2, 3], 8, SamplingConfig(temperature=1.0), seed=0)])
+    assert len(c.tokens) == 8 and all(0 <= t < 300 for t in c.tokens)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
+def test_batch_of_different_lengths_equals_each_prompt_alone(variant):
+    model = VARIANTS[variant]()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 11, 6, 1)]
+    sampled = SamplingConfig(temperature=0.9, top_k=50)
+    reqs = [Request(p, 12, GREEDY if i % 2 else sampled, seed=i) for i, p in enumerate(prompts)]
+    engine = Engine(model)
+    batch = engine.generate(reqs)
+    for req, got in zip(reqs, batch):
+        [alone] = engine.generate([req])
+        assert got.tokens == alone.tokens
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
+
+
+def test_rows_stop_on_their_own():
+    model = tiny()
+    engine = Engine(model)
+    prompt = [5, 6, 7]
+    [free] = engine.generate([Request(prompt, 10, GREEDY)])
+    stop_tok = free.tokens[4]
+    first = free.tokens.index(stop_tok)
+    out = engine.generate([Request(prompt, 10, GREEDY, stop_ids=(stop_tok,)), Request(prompt, 3, GREEDY),
+                           Request([9, 9, 9, 9, 9], 10, GREEDY)])
+    assert out[0].tokens == free.tokens[:first] and out[0].finish_reason == "stop"
+    assert out[1].tokens == free.tokens[:3] and out[1].finish_reason == "length"
+    assert len(out[2].tokens) == 10 and out[2].finish_reason == "length"
+    # The streaming iterator gives the same tokens and lets the caller end a row.
+    gen = engine.start([Request(prompt, 10, GREEDY), Request(prompt, 10, GREEDY)])
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for step in gen:
+        for row, tok in step:
+            seen[row].append(tok)
+            if row == 1 and len(seen[1]) == 2:
+                gen.stop(1)
+    assert seen[0] == free.tokens and seen[1] == free.tokens[:2]
+    assert gen.completions[1].tokens == free.tokens[:2] and gen.completions[1].finish_reason == "stop"
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens():
+    model = tiny()
+    engine = Engine(model)
+    cfg = SamplingConfig(temperature=1.5)
+    runs = [engine.generate([Request([1, 2, 3], 30, cfg, seed=s)])[0].tokens for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_bad_requests_are_user_errors():
+    engine = Engine(tiny())
+    with pytest.raises(UserError, match="empty"):
+        engine.start([Request([], 5)])
+    with pytest.raises(UserError, match="exceed the context"):
+        engine.start([Request([1] * 60, 5)])
+    with pytest.raises(UserError, match="top-p"):
+        engine.start([Request([1], 5, SamplingConfig(top_p=0))])
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    model = tiny()
+    engine = Engine(model)
+    [ref] = engine.generate([Request([1, 2], 6, GREEDY)])
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    engine._decode_compiled = broken
+    [got] = engine.generate([Request([1, 2], 6, GREEDY)])
+    assert got.tokens == ref.tokens and engine.compile_error == "RuntimeError: no compiler here"
+
+
+# ---------------------------------------------------------------- sampling against references
+
+def test_logit_processing_matches_hugging_face_processors():
+    torch.manual_seed(3)
+    V = 64
+    logits = torch.randn(4, V) * 3
+    prompts = [[1, 2, 3], [4, 4], [5], [6, 7, 8, 9]]
+    cfgs = [SamplingConfig(temperature=0.7, top_k=10),
+            SamplingConfig(temperature=1.3, top_p=0.8),
+            SamplingConfig(temperature=1.0, min_p=0.1),
+            SamplingConfig(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3)]
+    sampler = Sampler(cfgs, [0] * 4, prompts, V, torch.device("cpu"))
+    got = sampler.process(logits)
+    for row, c in enumerate(cfgs):
+        x = logits[row:row + 1].clone()
+        ids = torch.tensor([prompts[row]])
+        if c.repetition_penalty != 1:
+            x = hf_lp.RepetitionPenaltyLogitsProcessor(c.repetition_penalty)(ids, x)
+        x = hf_lp.TemperatureLogitsWarper(c.temperature)(ids, x)
+        if c.top_k:
+            x = hf_lp.TopKLogitsWarper(c.top_k)(ids, x)
+        if c.top_p < 1:
+            x = hf_lp.TopPLogitsWarper(c.top_p)(ids, x)
+        if c.min_p:
+            x = hf_lp.MinPLogitsWarper(c.min_p)(ids, x)
+        assert torch.equal(torch.isinf(got[row]), torch.isinf(x[0])), row
+        keep = ~torch.isinf(x[0])
+        torch.testing.assert_close(got[row][keep], x[0][keep])
+
+
+def test_frequency_and_presence_penalties_follow_the_openai_rule():
+    V = 10
+    cfg = SamplingConfig(frequency_penalty=0.5, presence_penalty=0.25)
+    sampler = Sampler([cfg], [0], [[1]], V, torch.device("cpu"))
+    for tok in (3, 3, 4):
+        sampler.observe(torch.tensor([tok]))
+    logits = torch.zeros(1, V)
+    expected = torch.zeros(V)
+    expected[3], expected[4] = -(2 * 0.5 + 0.25), -(0.5 + 0.25)  # the prompt token 1 is not penalised
+    torch.testing.assert_close(sampler.process(logits)[0], expected)
+
+
+def test_draws_follow_the_distribution():
+    V, n = 6, 20000
+    probs = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.07, 0.03]])
+    sampler = Sampler([SamplingConfig()], [123], [[0]], V, torch.device("cpu"))
+    counts = torch.bincount(torch.cat([sampler.draw(probs) for _ in range(n)]), minlength=V).float()
+    chi2 = (((counts - n * probs[0]) ** 2) / (n * probs[0])).sum().item()
+    assert chi2 < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
+    assert not math.isclose(counts[0].item() / n, 1 / V, abs_tol=0.05)
