@@ -21,8 +21,8 @@ import copy
 import json
 import platform
 import statistics
-import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,41 +38,45 @@ from leangpt.prune import main as prune_main
 from leangpt.prune import prune_model
 
 
-@torch.no_grad()
-def decode_tokens_per_s(model: GPT, prompt_len: int = 16, new_tokens: int = 128, repeats: int = 5) -> float:
-    """Batch-1 greedy decode with the KV cache (prefill once, then one token per forward): median tokens/s."""
+def paired_medians(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each fn, calling them in turn every repeat so that load from other processes on a
+    shared machine falls on all of them alike. One warm-up round first."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def decoder(model: GPT, prompt_len: int = 16, new_tokens: int = 128):
+    """A function that runs batch-1 greedy decoding with the KV cache (prefill once, then one token per
+    forward), and the number of tokens it decodes."""
     model.eval()
+    new_tokens = min(new_tokens, model.config.block_size - prompt_len)
     total = prompt_len + new_tokens
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    times = []
-    for r in range(repeats + 1):  # the first run warms up
+
+    @torch.no_grad()
+    def run() -> None:
         model.setup_cache(1, total)
-        t0 = time.perf_counter()
         logits = model(prompt, torch.arange(prompt_len))[:, -1]
         for pos in range(prompt_len, total):
             nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
             logits = model(nxt, torch.tensor([pos]))[:, -1]
-        if r:
-            times.append(time.perf_counter() - t0)
-    return new_tokens / statistics.median(times)
 
-
-def median_time(fn, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return run, new_tokens
 
 
 @torch.no_grad()
 def sparse_kernels(weight: torch.Tensor, sparsities: list[float]) -> list[dict[str, Any]]:
-    """Dense matmul with zeros vs torch CSR (to_sparse_csr) on one layer's shape, randomly pruned."""
+    """Dense matmul with zeros vs torch CSR (to_sparse_csr) on one layer's shape, randomly pruned.
+    (torch's 2:4 semi-structured format, to_sparse_semi_structured, runs on CUDA only.)"""
     rows = []
     gen = torch.Generator().manual_seed(0)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     for s in sparsities:
         w = weight.clone()
         w[torch.rand(w.shape, generator=gen) < s] = 0
@@ -81,8 +85,7 @@ def sparse_kernels(weight: torch.Tensor, sparsities: list[float]) -> list[dict[s
             x = torch.randn(n, w.shape[1], generator=gen)
             xt = x.t().contiguous()
             torch.testing.assert_close(torch.sparse.mm(csr, xt).t(), F.linear(x, w), atol=1e-3, rtol=1e-3)
-            dense = median_time(lambda: F.linear(x, w))
-            sparse = median_time(lambda: torch.sparse.mm(csr, xt))
+            dense, sparse = paired_medians([lambda: F.linear(x, w), lambda: torch.sparse.mm(csr, xt)], 50)
             rows.append({"sparsity": s, "shape": name, "rows": n, "dense_ms": dense * 1e3, "csr_ms": sparse * 1e3,
                          "csr_speedup": dense / sparse})
     return rows
@@ -99,9 +102,16 @@ def main() -> None:
     p.add_argument("--scope", default="layer", choices=["layer", "global"], help="structured scope")
     p.add_argument("--recover-steps", type=int, default=200, help="recovery steps for the structured model")
     p.add_argument("--recover-set", action="append", default=[], help="extra --set for the recovery run")
-    p.add_argument("--skip", action="append", default=[], help="skip a section: unstructured, nm, structured, kernels")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice for this machine)")
+    p.add_argument("--decode-repeats", type=int, default=9, help="timed decode runs per model (median)")
+    p.add_argument("--skip", action="append", default=[],
+                   help="skip a section: unstructured, nm, structured, speed (needs the structured checkpoint in "
+                        "--work from this or an earlier run), kernels")
+    p.add_argument("--work", type=Path, default=Path("/tmp/leangpt-bench-prune"), help="where the structured checkpoint is kept")
     p.add_argument("--json-out", type=Path, default=Path("bench/prune.json"), help="where to write the results")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dense, tokenizer, _ = load_checkpoint(args.model, "cpu")
     val = Dataset(args.data).tokens("val")
@@ -111,7 +121,8 @@ def main() -> None:
     def ppl(model: GPT) -> float:
         return evaluate_tokens(model, val, tokenizer.token_bytes, block, 8, args.eval_tokens)["perplexity"]
 
-    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+    old = json.loads(args.json_out.read_text()) if args.json_out.is_file() else {}
+    results: dict[str, Any] = {**old, "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
                                           f"threads, torch {torch.__version__}",
                                "model": str(args.model), "eval_tokens": args.eval_tokens,
                                "calib_samples": args.calib_samples}
@@ -137,36 +148,44 @@ def main() -> None:
         rows.append(row)
         print(f"{method:>9} {row['pattern']:>12} {scope:>6}: sparsity {row['sparsity']:.3f}, perplexity {value:.3f} "
               f"({row['vs_dense']:.3f}x dense), pruned in {seconds:.1f}s", flush=True)
-    results["unstructured"] = rows
+    if variants:
+        results["unstructured"] = rows
 
+    structured_dir = args.work / "structured"
     if "structured" not in args.skip:
         model, _, summary = prune_model(copy.deepcopy(dense), "structured", calib, heads=args.heads,
                                         neurons=args.neurons, scope=args.scope)
         before = ppl(model)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "s"
-            argv = ["--model", str(args.model), "--method", "structured", "--heads", str(args.heads),
-                    "--neurons", str(args.neurons), "--scope", args.scope, "--calib-data", str(args.data),
-                    "--calib-samples", str(args.calib_samples), "--recover-steps", str(args.recover_steps),
-                    "--device", "cpu", "--out", str(out)]
-            for s in args.recover_set:
-                argv += ["--set", s]
-            t0 = time.perf_counter()
-            prune_main(argv)
-            recover_s = time.perf_counter() - t0
-            recovered, _, _ = load_checkpoint(out, "cpu")
+        argv = ["--model", str(args.model), "--method", "structured", "--heads", str(args.heads),
+                "--neurons", str(args.neurons), "--scope", args.scope, "--calib-data", str(args.data),
+                "--calib-samples", str(args.calib_samples), "--recover-steps", str(args.recover_steps),
+                "--device", "cpu", "--overwrite", "--out", str(structured_dir)]
+        for s in args.recover_set:
+            argv += ["--set", s]
+        t0 = time.perf_counter()
+        prune_main(argv)
+        recover_s = time.perf_counter() - t0
+        recovered, _, _ = load_checkpoint(structured_dir, "cpu")
         after = ppl(recovered)
-        dense_tps, small_tps = decode_tokens_per_s(dense), decode_tokens_per_s(recovered)
         results["structured"] = {
             "heads_removed": args.heads, "neurons_removed": args.neurons, "scope": args.scope, **summary,
             "params": recovered.num_params(), "params_ratio": recovered.num_params() / dense.num_params(),
             "perplexity_no_recovery": before, "perplexity_recovered": after, "vs_dense": after / base,
-            "recover_steps": args.recover_steps, "prune_and_recover_s": recover_s,
-            "decode_tokens_per_s": small_tps, "dense_decode_tokens_per_s": dense_tps, "decode_speedup": small_tps / dense_tps}
+            "recover_steps": args.recover_steps, "recover_set": args.recover_set, "prune_and_recover_s": recover_s}
         print(f"structured (-{args.heads:.0%} heads, -{args.neurons:.0%} neurons, {args.scope}): heads {summary['heads']}, "
               f"neurons {summary['neurons']}, {recovered.num_params():,} parameters; perplexity {before:.3f} before, "
-              f"{after:.3f} after {args.recover_steps} recovery steps ({after / base:.3f}x dense); decode "
-              f"{small_tps:.1f} vs dense {dense_tps:.1f} tokens/s ({small_tps / dense_tps:.2f}x)", flush=True)
+              f"{after:.3f} after {args.recover_steps} recovery steps ({after / base:.3f}x dense)", flush=True)
+
+    if "speed" not in args.skip:
+        small, _, _ = load_checkpoint(structured_dir, "cpu")  # made by the structured section (this or an earlier run)
+        (run_dense, n), (run_small, _) = decoder(dense), decoder(small)
+        dense_s, small_s = paired_medians([run_dense, run_small], args.decode_repeats)
+        results["speed"] = {"threads": torch.get_num_threads(), "decode_tokens": n,
+                            "dense_decode_tokens_per_s": n / dense_s, "structured_decode_tokens_per_s": n / small_s,
+                            "decode_speedup": dense_s / small_s,
+                            "params_ratio": small.num_params() / dense.num_params()}
+        print(f"batch-1 decode, {torch.get_num_threads()} threads: structured {n / small_s:.1f} vs dense "
+              f"{n / dense_s:.1f} tokens/s ({dense_s / small_s:.2f}x)", flush=True)
 
     if "kernels" not in args.skip:
         weight = dense.blocks[0].mlp.fc.weight.detach()  # (intermediate, n_embd)

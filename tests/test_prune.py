@@ -5,7 +5,6 @@ import torch
 import transformers
 
 from leangpt import hf
-from leangpt.__main__ import COMMANDS
 from leangpt.checkpoint import load_checkpoint, load_model
 from leangpt.config import ModelConfig
 from leangpt.hessian import inverse_cholesky
@@ -235,9 +234,11 @@ def test_cli_structured_with_recovery_reloads_smaller(tiny_checkpoint, dataset_d
     code, out, _ = run_cli(["generate", "--model", str(out_dir), "--prompt", "The", "--max-new-tokens", "5",
                             "--seed", "0", "--json"], capsys)
     assert code == 0
-    if "quantize" in COMMANDS:
-        code, _, err = run_cli(["quantize", "--model", str(out_dir), "--out", str(tmp_path / "q")], capsys)
-        assert code == 0, err
+    code, _, err = run_cli(["quantize", "--model", str(out_dir), "--method", "int8", "--out", str(tmp_path / "q")], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["generate", "--model", str(tmp_path / "q"), "--prompt", "The", "--max-new-tokens", "5",
+                              "--seed", "0", "--json"], capsys)
+    assert code == 0, err
 
 
 def test_cli_recovery_keeps_the_masks(tiny_checkpoint, dataset_dir, tmp_path, capsys):
