@@ -247,6 +247,37 @@ def _apply_activation_checkpointing(model: GPT) -> None:
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
 
 
+def accumulate_gradients(wrapped: torch.nn.Module, loss_fn: LossFn, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         n_targets: int, world: distributed.World, device: torch.device, dtype: torch.dtype,
+                         noise_params: list[torch.nn.Parameter] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward and backward over this rank's micro-batches; the gradient left in .grad is that of the mean loss
+    over all n_targets target tokens of the step (every micro-batch of every rank), whatever the padding.
+
+    Returns this rank's share of that mean loss and, with noise_params, the squared norms of the micro-batches'
+    own mean gradients (for the gradient noise scale; rank-local ones only, before any all-reduce).
+    """
+    loss_sum = torch.zeros((), device=device)
+    small_sq: list[torch.Tensor] = []
+    prev = None
+    for i, (xb, yb) in enumerate(batches):
+        n_mb = int((yb != IGNORE_INDEX).sum())
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        # loss_fn gives the mean over this micro-batch's targets; its weight is its share of the step's targets.
+        # Gradient averaging over ranks divides by world.size, which the factor undoes.
+        weight = n_mb * world.size / n_targets
+        with distributed.gradient_sync(wrapped, i == len(batches) - 1):
+            with autocast(device, dtype):
+                loss = loss_fn(wrapped, xb, yb)
+            (loss * weight).backward()
+        loss_sum += loss.detach() * weight
+        if noise_params is not None and n_mb and (i < len(batches) - 1 or not world.distributed):
+            now = torch.cat([p.grad.flatten() for p in noise_params if p.grad is not None])
+            diff = now if prev is None else now - prev
+            small_sq.append((diff / weight).square().sum())  # the micro-batch's own mean gradient
+            prev = now
+    return loss_sum, small_sq
+
+
 def pick_precision(model: GPT, cfg: TrainConfig, block_size: int, device: torch.device) -> torch.dtype:
     """cfg.precision; "auto" on a CPU whose bf16 matmuls are fast times a training micro-batch both ways.
 
@@ -418,7 +449,8 @@ def _train(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
                        options=StateDictOptions(full_state_dict=True))
         step, tokens_seen, train_time = state["step"], state["tokens_seen"], state["train_time_s"]
         init = Path(state["init"]) if state.get("init") else None  # provenance of the resumed run
-        accum = state["grad_accum"]
+        if cfg.batch_schedule == "noise_scale":  # adapted so far; the other schedules follow cfg
+            accum = max(state["grad_accum"], cfg.grad_accum)
         noise.load_state_dict(state["noise_scale"])
         sampler.load_state_dict(state["data_position"])
         rngs = state["rng"]
@@ -497,25 +529,9 @@ def _train(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
             x, y = sampler.draw(world.size * accum * cfg.batch_size)  # the global batch, same on every rank
             n_targets = int((y != IGNORE_INDEX).sum())  # over all micro-batches and ranks: CPU data, no sync
             measure_noise = cfg.batch_schedule == "noise_scale" and accum > 1
-            small_sq, prev = [], None
-            loss_sum = torch.zeros((), device=device)
-            for i, (xb, yb) in enumerate(micro_batches(x, y, cfg.batch_size, world.rank, accum)):
-                n_mb = int((yb != IGNORE_INDEX).sum())
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                # loss_fn gives the mean over this micro-batch's targets; its weight is its share of the step's
-                # targets. Gradient averaging over ranks divides by world.size, which the factor undoes.
-                weight = n_mb * world.size / n_targets
-                with distributed.gradient_sync(wrapped, i == accum - 1):
-                    with autocast(device, dtype):
-                        loss = loss_fn(wrapped, xb, yb)
-                    (loss * weight).backward()
-                loss_sum += loss.detach() * weight
-                if measure_noise and (i < accum - 1 or not world.distributed):
-                    grads = [p.grad for p in params.values() if p.grad is not None]
-                    now = torch.cat([g.flatten() for g in grads])
-                    diff = now if prev is None else now - prev
-                    small_sq.append((diff * (n_targets / n_mb / world.size)).square().sum())  # a micro-batch's mean gradient
-                    prev = now
+            batches = micro_batches(x, y, cfg.batch_size, world.rank, accum)
+            loss_sum, small_sq = accumulate_gradients(wrapped, loss_fn, batches, n_targets, world, device, dtype,
+                                                      list(params.values()) if measure_noise else None)
             if aux_module is not None:
                 distributed.average_grads(aux_module, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
