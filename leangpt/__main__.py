@@ -11,7 +11,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("leangpt.data.prepare", "clean, filter and dedup text, train a tokenizer, write token shards"),
     "train": ("leangpt.train", "pretrain from scratch or fine-tune a checkpoint"),
     "eval": ("leangpt.evaluate", "held-out loss, perplexity and bits per byte"),
-    "generate": ("leangpt.generate", "generate text from a prompt"),
+    "generate": ("leangpt.generate", "generate text from a prompt or a file of prompts (batched, speculative)"),
+    "bench": ("leangpt.bench", "speed, memory and size of one or more checkpoints, side by side"),
+    "distill": ("leangpt.distill", "train a smaller student from a teacher (soft targets, layer-initialised)"),
     "quantize": ("leangpt.quantize", "int8 / int4 weight quantization, round-to-nearest or GPTQ"),
     "prune": ("leangpt.prune", "unstructured, N:M and structured (smaller dense model) pruning"),
 }

@@ -1,0 +1,154 @@
+"""`leangpt bench`: speed, memory and size of one or more checkpoints, side by side.
+
+Each (model, batch) record is measured in a fresh process, so that its peak memory is its own and one model's
+warm caches do not flatter the next. Prompts are random token ids; decoding is greedy and runs the full token
+budget (no end-of-text stop), after one warm-up run; figures are medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from leangpt import cli
+from leangpt.checkpoint import load_config, load_model, read_meta
+from leangpt.device import pick_device
+from leangpt.engine import Engine, Request
+from leangpt.errors import UserError
+from leangpt.sampling import SamplingConfig
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters, each tied tensor once; a quantized linear without a float weight counts in × out (+ bias)."""
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if hasattr(m, "in_features") and not isinstance(getattr(m, "weight", None), nn.Parameter):
+            n += m.in_features * m.out_features  # held packed, not as a parameter
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
+                n += bias.numel()
+    return n
+
+
+def size_on_disk_mb(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.glob("model*.safetensors")) / 2**20
+
+
+def kernels_used(model: nn.Module) -> dict[str, int]:
+    """Layers per low-bit kernel, for modules that name theirs (quantized linears)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        k = getattr(m, "kernel", None)
+        if isinstance(k, str) and k:
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def timed_run(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed: int) -> tuple[float, float]:
+    """One greedy generation of random prompts: (time to first token s, decode s for new_tokens - 1 steps)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, engine.model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
+    gen = engine.start([Request(p, new_tokens, SamplingConfig(temperature=0)) for p in prompts])
+    gen.run(sync_every=new_tokens)
+    return gen.prefill_s, gen.decode_s
+
+
+def measure(directory: str, device: str, batch: int, prompt_tokens: int, new_tokens: int, repeats: int,
+            compile: bool, threads: int | None) -> dict[str, Any]:
+    """One record; runs in its own process."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model = load_model(directory, dev)
+    engine = Engine(model, compile=compile)
+    timed_run(engine, batch, prompt_tokens, new_tokens, seed=0)  # warm-up (and compilation)
+    runs = [timed_run(engine, batch, prompt_tokens, new_tokens, seed=1 + r) for r in range(repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    meta = read_meta(directory)
+    record: dict[str, Any] = {
+        "model": str(directory), "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "decode_tokens_per_s": round(batch * (new_tokens - 1) / decode, 2) if new_tokens > 1 else None,
+        "prefill_tokens_per_s": round(batch * prompt_tokens / ttft, 2),
+        "time_to_first_token_s": round(ttft, 5),
+        "peak_memory_mb": round(peak, 1),
+        "size_mb": round(size_on_disk_mb(Path(directory)), 3),
+        "params": count_params(model),
+        "device": str(dev), "threads": torch.get_num_threads(), "compile": compile and engine.compile_error is None,
+    }
+    if meta.get("quantization"):
+        record["quantization"] = meta["quantization"]
+    if kernels := kernels_used(model):
+        record["kernels"] = kernels
+    return record
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.parser("bench", "Speed (prefill, decode, time to first token), peak memory, size on disk and parameters "
+                            "of one or more checkpoints, side by side.")
+    p.add_argument("--model", type=Path, action="append", required=True,
+                   help="checkpoint directory; repeat to compare several")
+    p.add_argument("--batch", type=int, action="append", help="batch size; repeatable (default: 1 and 8)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (random ids)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (greedy, no early stop)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is reported")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compile time not counted)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--json", action="store_true", help="print the records as one JSON list")
+    return p
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    cols = [("model", "model"), ("batch", "batch"), ("decode_tokens_per_s", "decode tok/s"),
+            ("prefill_tokens_per_s", "prefill tok/s"), ("time_to_first_token_s", "TTFT s"),
+            ("peak_memory_mb", "peak MB"), ("size_mb", "size MB"), ("params", "params")]
+    rows = [[str(r.get(k)) for k, _ in cols] for r in records]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, (_, h) in enumerate(cols)]
+    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    batches = sorted(set(args.batch or [1, 8]))
+    for name, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens),
+                        ("--repeats", args.repeats), *(("--batch", b) for b in batches)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    for directory in args.model:
+        config = load_config(directory)  # fail fast, before any worker starts
+        if args.prompt_tokens + args.new_tokens > config.block_size:
+            raise UserError(f"{directory}: prompt + new tokens ({args.prompt_tokens + args.new_tokens}) exceed the "
+                            f"context of {config.block_size}")
+    pick_device(args.device)
+    records = []
+    # A fresh process per record: its own peak memory, no state carried over from the previous model.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        for directory in args.model:
+            for batch in batches:
+                cli.log(f"bench: {directory} batch {batch}")
+                records.append(pool.submit(measure, str(directory), args.device, batch, args.prompt_tokens,
+                                           args.new_tokens, args.repeats, args.compile, args.threads).result())
+    if args.json:
+        cli.print_json(records)
+    else:
+        print(_table(records))
+    sys.stdout.flush()
+    return 0

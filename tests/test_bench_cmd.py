@@ -1,0 +1,55 @@
+"""`leangpt bench`: one record per model and batch size, with figures that agree with the checkpoint."""
+
+import json
+
+import torch
+import torch.nn as nn
+
+from leangpt.bench import count_params
+from leangpt.checkpoint import load_model
+from tests.conftest import run_cli
+
+FIELDS = {"model", "batch", "decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s",
+          "peak_memory_mb", "size_mb", "params"}
+
+
+def test_bench_two_models_json(tiny_checkpoint, tmp_path, capsys):
+    quantized = tmp_path / "q"
+    code, _, err = run_cli(["quantize", "--model", str(tiny_checkpoint), "--method", "int8", "--out", str(quantized)],
+                           capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["bench", "--model", str(tiny_checkpoint), "--model", str(quantized), "--batch", "2",
+                              "--prompt-tokens", "8", "--new-tokens", "6", "--repeats", "1", "--threads", "1",
+                              "--json"], capsys)
+    assert code == 0, err
+    records = json.loads(out)
+    assert [(r["model"], r["batch"]) for r in records] == [(str(tiny_checkpoint), 2), (str(quantized), 2)]
+    model = load_model(tiny_checkpoint)
+    size = (tiny_checkpoint / "model.safetensors").stat().st_size / 2**20
+    for r in records:
+        assert FIELDS <= set(r)
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["time_to_first_token_s"] > 0
+        assert r["peak_memory_mb"] > 0 and r["params"] == model.num_params()
+    assert abs(records[0]["size_mb"] - size) < 1e-3 and records[1]["size_mb"] < 0.8 * size
+    assert "quantization" not in records[0] and "kernels" not in records[0]
+    assert records[1]["quantization"] and sum(records[1]["kernels"].values()) > 0
+
+
+def test_params_of_a_swapped_quantized_linear_count_its_weights():
+    class Packed(nn.Module):  # a quantized linear keeps no float weight parameter, its bias as a buffer
+        in_features, out_features = 8, 4
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("bias", torch.zeros(4))
+
+    model = nn.Sequential(nn.Linear(8, 8), Packed())
+    assert count_params(model) == 8 * 8 + 8 + 8 * 4 + 4
+
+
+def test_bench_user_errors(tiny_checkpoint, tmp_path, capsys):
+    for extra, message in ((["--model", str(tmp_path / "nope")], "not found"),
+                           (["--model", str(tiny_checkpoint), "--new-tokens", "500"], "exceed the context"),
+                           (["--model", str(tiny_checkpoint), "--batch", "0"], "--batch")):
+        code, _, err = run_cli(["bench", *extra], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
