@@ -48,6 +48,16 @@ def ramp_accum(tokens_seen: int, ramp_tokens: int, start_accum: int, end_accum: 
     return start_accum + int((end_accum - start_accum) * tokens_seen / ramp_tokens)
 
 
+def noise_scale_accum(estimate: float | None, accum: int, seqs_per_micro_batch: int, max_accum: int) -> int:
+    """Grow accumulation (never shrink it) until a step's sequences reach the noise scale B_simple.
+
+    seqs_per_micro_batch counts every process's micro-batch: a step holds accum times as many sequences.
+    """
+    if estimate is None or estimate <= accum * seqs_per_micro_batch:
+        return accum
+    return min(max_accum, max(accum + 1, math.ceil(estimate / seqs_per_micro_batch)))
+
+
 @dataclass
 class NoiseScale:
     """The simple gradient noise scale B_simple = tr(Σ) / |G|² (McCandlish et al. 2018, appendix A.1).

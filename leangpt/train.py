@@ -44,7 +44,7 @@ from leangpt.fsutil import atomic_dir, check_output_dir
 from leangpt.hf import hf_model_type
 from leangpt.model import GPT
 from leangpt.perf import cached, machine_key, matmul_peak_flops, train_flops_per_token
-from leangpt.schedules import BATCH_SCHEDULES, LR_SCHEDULES, NoiseScale, learning_rate, ramp_accum
+from leangpt.schedules import BATCH_SCHEDULES, LR_SCHEDULES, NoiseScale, learning_rate, noise_scale_accum, ramp_accum
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -551,11 +551,9 @@ def _train(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
             skipped += bad
             if measure_noise and small_sq:
                 big_sq = float(grad_norm) ** 2  # norm before clipping, of the mean gradient over the step
-                b_small, b_big = cfg.batch_size, cfg.batch_size * accum * world.size
-                noise.update(float(torch.stack(small_sq).mean()), big_sq, b_small, b_big)
-                estimate = noise.estimate
-                if estimate is not None and noise.updates >= 10 and estimate > b_big:
-                    accum = min(cfg.max_grad_accum, max(accum + 1, math.ceil(estimate / (cfg.batch_size * world.size))))
+                noise.update(float(torch.stack(small_sq).mean()), big_sq, cfg.batch_size, cfg.batch_size * accum * world.size)
+                if noise.updates >= 10:  # the EMA needs a few steps before it means anything
+                    accum = noise_scale_accum(noise.estimate, accum, cfg.batch_size * world.size, cfg.max_grad_accum)
             step += 1
             tokens_seen += n_targets
             logging_now = step % cfg.log_every == 0 or step == cfg.max_steps
