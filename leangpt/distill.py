@@ -1,0 +1,406 @@
+"""`leangpt distill`: train a smaller student from a frozen teacher.
+
+Distillation is a loss and a frozen teacher plugged into `leangpt.train.train`; there is no second
+training loop. The loss, per target token (DistilGPT2's recipe, Hinton et al. 2015):
+
+    alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y) [+ beta * hidden-state loss]
+
+The T^2 factor keeps the soft-target gradients at the same scale as the hard-target ones when T changes.
+Students start from a subset of the teacher's blocks (plus embeddings, final norm and head) when the
+shapes allow, which is DistilGPT2's every-other-layer initialisation; otherwise from random weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from leangpt import cli, distributed, train_state
+from leangpt.checkpoint import load_checkpoint, read_meta
+from leangpt.config import ModelConfig
+from leangpt.data.batches import IGNORE_INDEX
+from leangpt.data.shards import Dataset
+from leangpt.device import pick_device
+from leangpt.errors import UserError
+from leangpt.fsutil import check_output_dir
+from leangpt.hf import config_from_hf, hf_model_type
+from leangpt.model import GPT
+from leangpt.train import TrainConfig, train
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 2.0  # softens both distributions; DistilGPT2 uses 2
+    alpha: float = 0.5  # weight of the soft-target (KL) term; 1 - alpha weighs the data's cross-entropy
+    reverse_kl: bool = False  # KL(student || teacher): mode-seeking instead of mass-covering
+    hidden_loss: str = "none"  # "none" | "cosine" | "mse": match hidden states as well
+    hidden_weight: float = 1.0  # weight of the hidden-state term
+    hidden_layers: str = "final"  # "final": final-norm outputs; "blocks": each student block vs its teacher block
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature > 0, "distill.temperature must be > 0"),
+            (0 <= self.alpha <= 1, "distill.alpha must be in [0, 1]"),
+            (self.hidden_loss in ("none", "cosine", "mse"), "distill.hidden_loss must be none, cosine or mse"),
+            (self.hidden_weight >= 0, "distill.hidden_weight must be >= 0"),
+            (self.hidden_layers in ("final", "blocks"), "distill.hidden_layers must be final or blocks"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"bad setting: {message}")
+
+
+@dataclass
+class DistillTrainConfig(TrainConfig):
+    """train's settings (max_steps, lr, ...) plus the distillation ones under `distill.`."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# ---------------------------------------------------------------- the loss
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                   reverse: bool = False) -> torch.Tensor:
+    """Per-position KL between temperature-softened distributions, (..., V) -> (...), not yet scaled by T^2.
+
+    Forward: KL(p_teacher || p_student). Reverse: KL(p_student || p_teacher).
+    """
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if reverse:
+        log_s, log_t = log_t, log_s
+    return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens (targets != IGNORE_INDEX). (B, T, V), (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                 temperature: float = 2.0, alpha: float = 0.5, reverse_kl: bool = False) -> torch.Tensor:
+    """alpha * T^2 * KL + (1 - alpha) * CE, each a mean over the target tokens (targets != IGNORE_INDEX).
+
+    student_logits, teacher_logits: (B, T, V); targets: (B, T).
+    """
+    ce = cross_entropy(student_logits, targets)
+    if alpha == 0:
+        return ce
+    mask = targets != IGNORE_INDEX  # (B, T)
+    kl = (soft_target_kl(student_logits, teacher_logits, temperature, reverse_kl) * mask).sum() / mask.sum().clamp(min=1)
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+
+def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over target tokens of 1 - cos(s, t), or of the mean squared difference per dimension. (B, T, C) each."""
+    mask = (targets != IGNORE_INDEX).float()  # (B, T)
+    if kind == "cosine":
+        per_token = 1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    else:
+        per_token = (student.float() - teacher.float()).pow(2).mean(-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+@contextlib.contextmanager
+def capture_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Record each module's output during the forward passes inside the block (hooks: no change to model.py).
+
+    Hooks sit on the inner modules, so calling a DDP-wrapped model still goes through its own forward.
+    """
+    outputs: list[torch.Tensor] = [torch.empty(0)] * len(modules)
+
+    def hook(i: int):
+        def record(_module, _inputs, output):
+            outputs[i] = output
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hidden_modules(model: GPT, which: str, layers: list[int]) -> list[nn.Module]:
+    """The modules whose outputs are the hidden states to match: the final norm, or the listed blocks."""
+    return [model.norm_f] if which == "final" else [model.blocks[i] for i in layers]
+
+
+def teacher_targets(n_teacher: int, n_student: int, layers: list[int] | None) -> list[int]:
+    """For each student block, the teacher block whose output it should reproduce.
+
+    Student block k copied from teacher block layers[k] stands in for teacher blocks layers[k] .. layers[k+1]-1,
+    so it targets the last of them. Without a layer map the student's blocks spread evenly over the teacher's.
+    """
+    if layers is not None:
+        return [nxt - 1 for nxt in layers[1:]] + [n_teacher - 1]
+    return [round((k + 1) * n_teacher / n_student) - 1 for k in range(n_student)]
+
+
+class DistillLoss:
+    """loss_fn(model, x, y) for `train`: runs the frozen teacher on x and scores the student against it."""
+
+    def __init__(self, teacher: GPT, cfg: DistillConfig, student_config: ModelConfig,
+                 layers: list[int] | None = None) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.cfg = cfg
+        n_student = student_config.n_layer
+        self.student_layers = list(range(n_student))
+        self.teacher_layers = teacher_targets(teacher.config.n_layer, n_student, layers)
+        self.projection: nn.Linear | None = None
+        if cfg.hidden_loss != "none" and student_config.n_embd != teacher.config.n_embd:
+            # Learned map from the student's width to the teacher's; trained with the student, not saved with it.
+            self.projection = nn.Linear(student_config.n_embd, teacher.config.n_embd, bias=False,
+                                        device=teacher.lm_head.weight.device)
+
+    @property
+    def uses_hidden(self) -> bool:
+        return self.cfg.hidden_loss != "none" and self.cfg.hidden_weight > 0
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if c.alpha == 0 and not self.uses_hidden:
+            return cross_entropy(model(x), y)  # plain training: the teacher is not needed
+        inner: GPT = getattr(model, "module", model)  # DDP wraps the student
+        t_mods = hidden_modules(self.teacher, c.hidden_layers, self.teacher_layers) if self.uses_hidden else []
+        s_mods = hidden_modules(inner, c.hidden_layers, self.student_layers) if self.uses_hidden else []
+        with torch.no_grad(), capture_outputs(t_mods) as t_hidden:
+            t_logits = self.teacher(x)  # (B, T, V)
+        with capture_outputs(s_mods) as s_hidden:
+            s_logits = model(x)  # (B, T, V)
+        loss = distill_loss(s_logits, t_logits, y, c.temperature, c.alpha, c.reverse_kl)
+        if self.uses_hidden:
+            proj = self.projection or nn.Identity()
+            h = sum(hidden_state_loss(proj(s), t, c.hidden_loss, y) for s, t in zip(s_hidden, t_hidden))
+            loss = loss + c.hidden_weight * h / len(s_hidden)
+        return loss
+
+
+# ---------------------------------------------------------------- the student
+
+# Fields that must agree for a teacher block to be copied into a student block.
+_BLOCK_FIELDS = ("n_embd", "n_head", "n_kv_head", "intermediate_size", "bias", "norm", "mlp", "pos",
+                 "rope_theta", "norm_eps", "tie_embeddings", "vocab_size")
+
+
+def parse_layers(text: str, n_teacher: int) -> list[int]:
+    try:
+        layers = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--student-layers expects comma-separated block indices like 0,2,4, got {text!r}") from None
+    if not layers:
+        raise UserError("--student-layers is empty")
+    if any(not 0 <= i < n_teacher for i in layers):
+        raise UserError(f"--student-layers {text}: the teacher has blocks 0..{n_teacher - 1}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise UserError(f"--student-layers {text}: indices must be strictly increasing")
+    return layers
+
+
+def every_other_layer(n_teacher: int, n_student: int) -> list[int]:
+    """n_student teacher blocks spread evenly from block 0: DistilGPT2's 0,2,4,6,8,10 of 12."""
+    return [k * n_teacher // n_student for k in range(n_student)]
+
+
+def can_copy_layers(teacher: ModelConfig, student: ModelConfig) -> bool:
+    same_blocks = all(getattr(teacher, f) == getattr(student, f) for f in _BLOCK_FIELDS)
+    positions_fit = student.pos == "rope" or student.block_size <= teacher.block_size
+    return same_blocks and positions_fit and student.n_layer <= teacher.n_layer
+
+
+def student_from_teacher(teacher: GPT, config: ModelConfig, layers: list[int]) -> GPT:
+    """A student whose block k is a copy of teacher block layers[k]; embeddings, final norm and head copied too."""
+    if len(layers) != config.n_layer or not can_copy_layers(teacher.config, config):
+        raise ValueError("student config does not match the teacher's block shapes")
+    student = GPT(config)
+    source = teacher.state_dict()
+    sd = {}
+    for name, target in student.state_dict().items():
+        if name.startswith("blocks."):
+            _, k, rest = name.split(".", 2)
+            sd[name] = source[f"blocks.{layers[int(k)]}.{rest}"]
+        elif name == "pos_emb.weight":
+            sd[name] = source[name][: target.size(0)]  # a shorter context keeps the first positions
+        else:
+            sd[name] = source[name]
+    student.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    return student
+
+
+def read_student_config(path: Path, teacher: ModelConfig) -> ModelConfig:
+    """A YAML/JSON mapping of model fields over the teacher's config, or a Hugging Face config.json."""
+    if not path.is_file():
+        raise UserError(f"{path}: student config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of model settings")
+    if "model_type" in data:
+        return config_from_hf(data)
+    fields = teacher.to_dict()
+    # Values the teacher left at their derived defaults follow the student's own n_embd / n_head.
+    if teacher.intermediate_size == 4 * teacher.n_embd:
+        fields["intermediate_size"] = None
+    if teacher.n_kv_head == teacher.n_head:
+        fields["n_kv_head"] = None
+    fields.update(data)
+    return ModelConfig.from_dict(fields)
+
+
+def build_student(teacher: GPT, layers: str | None = None, preset: str | None = None, config_file: Path | None = None,
+                  init: str = "auto", dropout: float = 0.0) -> tuple[GPT, dict[str, Any]]:
+    """The student model and a description of how it was made (for leangpt.json)."""
+    if sum(x is not None for x in (layers, preset, config_file)) > 1:
+        raise UserError("give at most one of --student-layers, --student-preset, --student-config")
+    tc = teacher.config
+    chosen: list[int] | None = None
+    if layers is not None:
+        chosen = parse_layers(layers, tc.n_layer)
+        if init == "random":
+            raise UserError("--student-layers copies teacher blocks; use --student-preset/--student-config for random init")
+        config = dataclasses.replace(tc, n_layer=len(chosen))
+    elif preset is not None:
+        config = ModelConfig.from_preset(preset, vocab_size=tc.vocab_size, eos_token_id=tc.eos_token_id,
+                                         bos_token_id=tc.bos_token_id)
+    elif config_file is not None:
+        config = read_student_config(config_file, tc)
+    else:  # default: half the teacher's depth, every other block
+        config = dataclasses.replace(tc, n_layer=max(1, tc.n_layer // 2))
+    config = dataclasses.replace(config, dropout=dropout)
+    if config.vocab_size != tc.vocab_size:
+        raise UserError(f"student vocab_size {config.vocab_size} differs from the teacher's {tc.vocab_size}: "
+                        f"teacher and student must share the tokenizer")
+    hf_model_type(config)  # fail now, not at the first save, if the options have no Hugging Face format
+    copyable = can_copy_layers(tc, config)
+    if init == "teacher" and not copyable:
+        raise UserError("--student-init teacher: the student's block shapes differ from the teacher's "
+                        f"(they must agree on {', '.join(_BLOCK_FIELDS)}, with no more layers or positions)")
+    if init != "random" and copyable:
+        chosen = chosen or every_other_layer(tc.n_layer, config.n_layer)
+        return student_from_teacher(teacher, config, chosen), {"init": "teacher_layers", "layers": chosen}
+    return GPT(config), {"init": "random"}
+
+
+# ---------------------------------------------------------------- the command
+
+def distill(cfg: DistillTrainConfig, teacher_dir: Path, data_dir: Path, out: Path, layers: str | None = None,
+            preset: str | None = None, config_file: Path | None = None, init: str = "auto",
+            overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Distil the teacher checkpoint into a student checkpoint at out. Returns train's final metrics.
+
+    resume: continue the run saved in out; the student's shape comes from its train_state/ (cfg too, see main()).
+    """
+    cfg.validate()
+    cfg.distill.validate()
+    if not resume:
+        check_output_dir(out, overwrite)
+    if cfg.model or cfg.preset != TrainConfig.preset:
+        raise UserError("the student's shape comes from --student-layers / --student-preset / --student-config; "
+                        "drop preset / model.* settings")
+    device = pick_device(cfg.device)
+    device = distributed.local_device(device, distributed.init(device))  # under torchrun: this rank's GPU
+    teacher, tokenizer, _ = load_checkpoint(teacher_dir, device)
+    dataset = Dataset(data_dir)
+    if dataset.manifest.get("tokenizer_sha256") != tokenizer.sha256():
+        raise UserError(f"{data_dir} was not tokenized with the teacher's tokenizer ({teacher_dir}); "
+                        f"run `leangpt prepare --tokenizer {teacher_dir}`")
+    if teacher.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"{teacher_dir}: model vocab_size {teacher.config.vocab_size} is smaller than its "
+                        f"tokenizer's {tokenizer.vocab_size}")
+    if resume:  # train restores the weights; only the shape and the layer map are needed here
+        saved = train_state.read_state(train_state.latest(out))
+        student = GPT(ModelConfig.from_dict(saved["model_config"]))
+        how = {k: v for k, v in read_meta(out).get("student", {}).items() if k in ("init", "layers")}
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise UserError(f"--resume: the saved student's vocab_size differs from {teacher_dir}'s")
+    else:
+        torch.manual_seed(cfg.seed)  # random students are reproducible
+        student, how = build_student(teacher, layers, preset, config_file, init, cfg.dropout)
+    block_size = cfg.block_size or student.config.block_size
+    if block_size > teacher.config.block_size:
+        raise UserError(f"block_size {block_size} exceeds the teacher's context {teacher.config.block_size}; "
+                        f"set block_size <= {teacher.config.block_size}")
+    loss_fn = DistillLoss(teacher, cfg.distill, student.config, how.get("layers"))
+    meta = {"kind": "distill", "parent": str(teacher_dir), "teacher": str(teacher_dir),
+            "student": {**how, "n_layer": student.config.n_layer, "n_embd": student.config.n_embd},
+            "distill": dataclasses.asdict(cfg.distill)}
+    return train(cfg, data_dir, out, overwrite=overwrite, loss_fn=loss_fn, extra_meta=meta, progress=progress,
+                 model=student, aux_module=loss_fn.projection, resume=resume)
+
+
+def resume_config(out: Path, config_file: Path | None, overrides: list[str]) -> DistillTrainConfig:
+    """The saved run's settings plus --config / --set."""
+    saved = train_state.read_state(train_state.latest(out))["train_config"]
+    known = {f.name for f in dataclasses.fields(DistillTrainConfig)}
+    cfg = DistillTrainConfig(**{k: v for k, v in saved.items() if k in known and k != "distill"})
+    cfg.distill = DistillConfig(**saved.get("distill", {}))
+    return cli.apply_overrides(cfg, config_file, overrides)
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.parser("distill", "Train a smaller student from a teacher checkpoint: soft targets (KL at temperature T) "
+                              "plus the data's cross-entropy, optionally hidden states. Training settings as for "
+                              "`leangpt train` (--set max_steps=...), distillation ones under distill.* "
+                              "(distill.temperature, distill.alpha, distill.reverse_kl, distill.hidden_loss, "
+                              "distill.hidden_weight, distill.hidden_layers). Several processes: "
+                              "torchrun --nproc-per-node=N -m leangpt distill ...")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint directory (frozen)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset directory made with the teacher's tokenizer (`leangpt prepare --tokenizer TEACHER`)")
+    p.add_argument("--out", type=Path, required=True, help="student checkpoint directory to write")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--student-layers", metavar="I,J,...",
+                       help="student = these teacher blocks (e.g. 0,2,4) plus the teacher's embeddings, final norm "
+                            "and head. Default without any --student-*: every other teacher block")
+    shape.add_argument("--student-preset", metavar="NAME", help="student shape from a model preset (tiny, small-cpu, ...)")
+    shape.add_argument("--student-config", type=Path, metavar="FILE",
+                       help="YAML/JSON of model fields over the teacher's (e.g. n_layer: 3), or a Hugging Face config.json")
+    p.add_argument("--student-init", choices=["auto", "teacher", "random"], default="auto",
+                   help="auto: copy evenly spaced teacher blocks when the shapes allow, else random; "
+                        "teacher: require the copy; random: fresh weights")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out (its train_state/) with its settings; --set may change "
+                        "training settings such as max_steps")
+    cli.add_overrides(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print final metrics as one JSON object on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        if args.student_layers or args.student_preset or args.student_config:
+            raise UserError("--resume continues the saved student; drop --student-*")
+        cfg = resume_config(args.out, args.config, args.overrides)
+    else:
+        cfg = cli.apply_overrides(DistillTrainConfig(), args.config, args.overrides)
+    if args.student_preset:
+        ModelConfig.from_preset(args.student_preset)  # unknown preset fails before any work
+    try:
+        final = distill(cfg, args.teacher, args.data, args.out, args.student_layers, args.student_preset,
+                        args.student_config, args.student_init, overwrite=args.overwrite, resume=args.resume)
+    finally:
+        distributed.shutdown()
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    result = {"checkpoint": str(args.out), "teacher": str(args.teacher), **final}
+    if args.json:
+        cli.print_json(result)
+    elif "interrupted" not in final:
+        cli.log(f"saved {args.out}: val loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
+                f"bits/byte {final['val_bits_per_byte']:.4f}")
+    return 0
