@@ -3,7 +3,7 @@ incrementally."""
 
 from __future__ import annotations
 
-import mmap
+import os
 from array import array
 from pathlib import Path
 
@@ -11,13 +11,16 @@ import numpy as np
 
 
 class Spool:
-    """Cleaned documents appended to one file, read back by index: only offsets stay in memory."""
+    """Cleaned documents appended to one file, read back by index: only offsets stay in memory.
+
+    Reads use pread, not mmap: pages of a mapped file count in the process's resident memory, which would
+    then grow with the corpus."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f = path.open("wb")
         self._offsets = array("q", [0])
-        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def append(self, text: str) -> int:
         data = text.encode("utf-8")
@@ -33,19 +36,16 @@ class Spool:
 
     def close_writing(self) -> None:
         self._f.close()
-        if self._offsets[-1] > 0:
-            with self.path.open("rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def __getitem__(self, i: int) -> str:
-        if self._map is None:
-            return ""
-        return self._map[self._offsets[i]:self._offsets[i + 1]].decode("utf-8")
+        return os.pread(self._fd, self.nbytes(i), self._offsets[i]).decode("utf-8")
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.path.unlink(missing_ok=True)
 
 
