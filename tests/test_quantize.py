@@ -25,11 +25,13 @@ CPU = torch.device("cpu")
 SCHEMES = [Scheme(8), Scheme(4, 32), Scheme(4, 64), Scheme(4, 48)]
 
 
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path, monkeypatch):
-    """Each test measures into its own cache, and no forced kernel leaks in from the environment."""
-    monkeypatch.setenv("LEANGPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("LEANGPT_QUANT_KERNEL", raising=False)
+@pytest.fixture(scope="module", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """This module measures kernels into its own cache, and no forced kernel leaks in from the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEANGPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.delenv("LEANGPT_QUANT_KERNEL", raising=False)
+        yield
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
@@ -104,9 +106,10 @@ def test_gptq_dead_inputs_and_format():
 
 
 def test_kernel_choice_is_measured_once_then_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("LEANGPT_CACHE_DIR", str(tmp_path))
     scheme = Scheme(8)
     first = choose_kernel(scheme, 32, 64, CPU)
-    cache = json.loads((tmp_path / "cache" / "quant_kernels.json").read_text())
+    cache = json.loads((tmp_path / "quant_kernels.json").read_text())
     (timings,) = cache.values()
     assert set(timings) == set(candidates(scheme, CPU, 32, 64)) and first in timings
 
