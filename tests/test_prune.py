@@ -243,9 +243,10 @@ def test_cli_structured_with_recovery_reloads_smaller(tiny_checkpoint, dataset_d
 
 def test_cli_recovery_keeps_the_masks(tiny_checkpoint, dataset_dir, tmp_path, capsys):
     code, out, err = run_cli(["prune", "--model", str(tiny_checkpoint), "--method", "magnitude", "--pattern", "2:4",
-                              "--calib-data", str(dataset_dir), "--recover-steps", "3", "--set", "batch_size=4",
-                              "--set", "lr=0.01", "--out", str(tmp_path / "m"), "--json"], capsys)
+                              "--calib-data", str(dataset_dir), "--recover-steps", "3", "--recover-loss", "distill",
+                              "--set", "batch_size=4", "--set", "lr=0.01", "--out", str(tmp_path / "m"), "--json"], capsys)
     assert code == 0, err
+    assert json.loads(out)["recovery"]["loss"] == "distill"
     model = load_model(tmp_path / "m")
     for lin in unstructured.block_linears(model).values():
         assert_nm(lin.weight, 2, 4)
