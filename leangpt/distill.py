@@ -213,15 +213,29 @@ def every_other_layer(n_teacher: int, n_student: int) -> list[int]:
     return [k * n_teacher // n_student for k in range(n_student)]
 
 
-def can_copy_layers(teacher: ModelConfig, student: ModelConfig) -> bool:
-    same_blocks = all(getattr(teacher, f) == getattr(student, f) for f in _BLOCK_FIELDS)
+def layer_subset_config(config: ModelConfig, layers: list[int]) -> ModelConfig:
+    """The config of a model made of the listed blocks (per-layer widths of a structurally pruned model follow)."""
+    def pick(sizes: list[int] | None) -> list[int] | None:
+        return None if sizes is None else [sizes[i] for i in layers]
+    return dataclasses.replace(config, n_layer=len(layers), layer_n_head=pick(config.layer_n_head),
+                               layer_intermediate_size=pick(config.layer_intermediate_size))
+
+
+def can_copy_layers(teacher: ModelConfig, student: ModelConfig, layers: list[int]) -> bool:
+    """Whether student block k can be a copy of teacher block layers[k], and the embeddings copied too."""
+    if len(layers) != student.n_layer or not 0 <= layers[0] <= layers[-1] < teacher.n_layer \
+            or any(b <= a for a, b in zip(layers, layers[1:])):
+        return False
+    same_fields = all(getattr(teacher, f) == getattr(student, f) for f in _BLOCK_FIELDS)
+    same_widths = all(teacher.layer_heads(i) == student.layer_heads(k) and
+                      teacher.layer_mlp_width(i) == student.layer_mlp_width(k) for k, i in enumerate(layers))
     positions_fit = student.pos == "rope" or student.block_size <= teacher.block_size
-    return same_blocks and positions_fit and student.n_layer <= teacher.n_layer
+    return same_fields and same_widths and positions_fit
 
 
 def student_from_teacher(teacher: GPT, config: ModelConfig, layers: list[int]) -> GPT:
     """A student whose block k is a copy of teacher block layers[k]; embeddings, final norm and head copied too."""
-    if len(layers) != config.n_layer or not can_copy_layers(teacher.config, config):
+    if not can_copy_layers(teacher.config, config, layers):
         raise ValueError("student config does not match the teacher's block shapes")
     student = GPT(config)
     source = teacher.state_dict()
@@ -251,6 +265,7 @@ def read_student_config(path: Path, teacher: ModelConfig) -> ModelConfig:
     if "model_type" in data:
         return config_from_hf(data)
     fields = teacher.to_dict()
+    fields["layer_n_head"] = fields["layer_intermediate_size"] = None  # per-layer widths only when the file says
     # Values the teacher left at their derived defaults follow the student's own n_embd / n_head.
     if teacher.intermediate_size == 4 * teacher.n_embd:
         fields["intermediate_size"] = None
@@ -271,25 +286,26 @@ def build_student(teacher: GPT, layers: str | None = None, preset: str | None = 
         chosen = parse_layers(layers, tc.n_layer)
         if init == "random":
             raise UserError("--student-layers copies teacher blocks; use --student-preset/--student-config for random init")
-        config = dataclasses.replace(tc, n_layer=len(chosen))
+        config = layer_subset_config(tc, chosen)
     elif preset is not None:
         config = ModelConfig.from_preset(preset, vocab_size=tc.vocab_size, eos_token_id=tc.eos_token_id,
                                          bos_token_id=tc.bos_token_id)
     elif config_file is not None:
         config = read_student_config(config_file, tc)
     else:  # default: half the teacher's depth, every other block
-        config = dataclasses.replace(tc, n_layer=max(1, tc.n_layer // 2))
+        config = layer_subset_config(tc, every_other_layer(tc.n_layer, max(1, tc.n_layer // 2)))
     config = dataclasses.replace(config, dropout=dropout)
     if config.vocab_size != tc.vocab_size:
         raise UserError(f"student vocab_size {config.vocab_size} differs from the teacher's {tc.vocab_size}: "
                         f"teacher and student must share the tokenizer")
     hf_model_type(config)  # fail now, not at the first save, if the options have no Hugging Face format
-    copyable = can_copy_layers(tc, config)
+    chosen = chosen or every_other_layer(tc.n_layer, config.n_layer)
+    copyable = can_copy_layers(tc, config, chosen)
     if init == "teacher" and not copyable:
         raise UserError("--student-init teacher: the student's block shapes differ from the teacher's "
-                        f"(they must agree on {', '.join(_BLOCK_FIELDS)}, with no more layers or positions)")
+                        f"(they must agree on {', '.join(_BLOCK_FIELDS)} and per-layer widths, with no more "
+                        f"layers or positions)")
     if init != "random" and copyable:
-        chosen = chosen or every_other_layer(tc.n_layer, config.n_layer)
         return student_from_teacher(teacher, config, chosen), {"init": "teacher_layers", "layers": chosen}
     return GPT(config), {"init": "random"}
 

@@ -101,6 +101,15 @@ def test_layer_init_copies_exactly_the_chosen_blocks():
     torch.testing.assert_close(full(x), teacher(x))
 
 
+def test_layer_init_keeps_per_layer_widths_of_a_pruned_teacher():
+    torch.manual_seed(0)
+    teacher = GPT(tiny_config(n_layer=4, layer_n_head=[2, 1, 2, 1], layer_intermediate_size=[256, 64, 128, 32])).eval()
+    student, how = build_student(teacher, layers="1,3")
+    assert student.config.layer_n_head == [1, 1] and student.config.layer_intermediate_size == [64, 32]
+    assert torch.equal(student.blocks[1].mlp.fc.weight, teacher.blocks[3].mlp.fc.weight)
+    assert build_student(teacher)[1] == {"init": "teacher_layers", "layers": [0, 2]}
+
+
 def test_default_and_preset_students():
     torch.manual_seed(0)
     teacher = GPT(tiny_config(n_layer=12))
@@ -123,6 +132,8 @@ def test_student_config_file_over_the_teacher(tmp_path):
     spec.write_text("n_layer: 2\nn_embd: 32\n")  # narrower: the MLP width follows the student's n_embd
     student, how = build_student(teacher, config_file=spec)
     assert how == {"init": "random"} and student.config.intermediate_size == 128
+    spec.write_text("n_layer: 6\n")  # deeper than the teacher: nothing to copy block for block
+    assert build_student(teacher, config_file=spec)[1] == {"init": "random"}
 
 
 def test_hidden_loss_with_projection_trains_the_projection():
