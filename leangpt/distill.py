@@ -326,6 +326,9 @@ def distill(cfg: DistillTrainConfig, teacher_dir: Path, data_dir: Path, out: Pat
     if cfg.model or cfg.preset != TrainConfig.preset:
         raise UserError("the student's shape comes from --student-layers / --student-preset / --student-config; "
                         "drop preset / model.* settings")
+    if cfg.compile and cfg.distill.hidden_loss != "none":
+        raise UserError("distill.hidden_loss reads hidden states through forward hooks, which torch.compile "
+                        "does not see once compiled; set compile=false")
     device = pick_device(cfg.device)
     device = distributed.local_device(device, distributed.init(device))  # under torchrun: this rank's GPU
     teacher, tokenizer, _ = load_checkpoint(teacher_dir, device)

@@ -239,6 +239,7 @@ def test_mismatched_tokenizer_or_vocab_is_refused(tmp_path, capsys, teacher_dir)
     (["--set", "distill.alpha=2"], "distill.alpha"),
     (["--set", "distill.hidden_loss=l1"], "hidden_loss"),
     (["--set", "model.n_layer=2"], "drop preset / model"),
+    (["--set", "compile=true", "--set", "distill.hidden_loss=cosine"], "compile=false"),
 ])
 def test_bad_options_fail_cleanly(tmp_path, capsys, teacher_dir, dataset_dir, extra, message):
     out = tmp_path / "s"
