@@ -36,6 +36,8 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, token_bytes: np.
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # Measurements are comparable only at one precision: fp32 on CPUs, bf16 autocast on GPUs.
+    dtype = torch.float32 if device.type == "cpu" else None
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     total_kl, same_top1 = 0.0, 0
     windows = list(sequential_windows(tokens, block_size, batch_size, max_tokens))
@@ -43,14 +45,14 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, token_bytes: np.
         for length in sorted({len(r) for r in rows}):  # the last window can be shorter
             batch = torch.from_numpy(np.stack([r for r in rows if len(r) == length])).to(device)
             x, y = batch[:, :-1], batch[:, 1:]
-            with autocast(device):
+            with autocast(device, dtype):
                 logits = model(x)
             nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
             total_nats += nats.item()
             total_tokens += y.numel()
             total_bytes += int(token_bytes[y.cpu().numpy()].sum())
             if reference is not None:
-                with autocast(device):
+                with autocast(device, dtype):
                     ref_logits = reference(x.to(next(reference.parameters()).device))
                 logp = F.log_softmax(logits.float(), -1).reshape(-1, logits.size(-1))
                 ref_logp = F.log_softmax(ref_logits.float().to(device), -1).reshape(-1, logits.size(-1))
