@@ -48,6 +48,14 @@ def check_request(req: Request, block_size: int) -> None:
     req.sampling.validate()
 
 
+def _compile_errors() -> tuple[type[Exception], ...]:
+    """What a failed compilation raises (imported only when compiling)."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return TorchDynamoException, InductorError
+
+
 class Engine:
     """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile)
     and falls back to eager, with a note in `compile_error`, if compiling fails."""
@@ -58,7 +66,7 @@ class Engine:
         self.compile = compile
         self.compile_error: str | None = None
         self._decode_compiled = torch.compile(self._decode_eager, fullgraph=True, dynamic=False) if compile else None
-        self._cache_shape: tuple[int, int] | None = None
+        self._compile_errors = _compile_errors() if compile else ()
 
     @property
     def block_size(self) -> int:
@@ -72,20 +80,17 @@ class Engine:
         if self._decode_compiled is not None:
             try:
                 return self._decode_compiled(tokens, input_pos)
-            except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager, say why
-                self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            except self._compile_errors as e:
+                # Compilation failed (tracing, no C++ compiler, ...): run eager from now on, and say why.
+                self.compile_error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 self._decode_compiled = None
         return self._decode_eager(tokens, input_pos)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate the cache unless the current one already fits (same batch, at least max_len slots)."""
         if self.compile:
-            # Round up so that requests of nearby lengths reuse one compiled graph.
+            # Round up so that requests of nearby lengths share one cache shape, hence one compiled graph.
             max_len = min(-(-max_len // 128) * 128, self.block_size)
-        if self._cache_shape is not None and self._cache_shape[0] == batch and self._cache_shape[1] >= max_len:
-            return
         self.model.setup_cache(batch, max_len)
-        self._cache_shape = (batch, max_len)
 
     def start(self, requests: list[Request]) -> "Generation":
         for r in requests:

@@ -182,11 +182,19 @@ class GPT(nn.Module):
         return n
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV cache once for (batch, max_len)."""
+        """Allocate the KV cache once for (batch, max_len); a cache of that shape already there is kept.
+
+        Keeping it is safe: a query at position p only sees slots 0..p, which the new sequence writes first.
+        It also keeps the tensors that a compiled decode step was traced with.
+        """
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
         param = self.tok_emb.weight
         dtype = dtype or param.dtype
+        cache = self.blocks[0].attn.kv_cache
+        if cache is not None and cache.k.shape[0] == batch and self.cache_len == max_len \
+                and cache.k.dtype == dtype and cache.k.device == param.device:
+            return
         for block in self.blocks:
             a = block.attn
             a.kv_cache = KVCache(batch, max_len, a.n_kv_head, a.head_dim, dtype, param.device)

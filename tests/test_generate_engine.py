@@ -158,17 +158,38 @@ def test_bad_requests_are_user_errors():
         engine.start([Request([1], 5, SamplingConfig(top_p=0))])
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+def test_compile_failure_falls_back_to_eager():
+    from torch._dynamo.exc import TorchDynamoException
+
     model = tiny()
-    engine = Engine(model)
-    [ref] = engine.generate([Request([1, 2], 6, GREEDY)])
+    [ref] = Engine(model).generate([Request([1, 2], 6, GREEDY)])
 
-    def broken(*args):
-        raise RuntimeError("no compiler here")
+    def failed_compilation(*args):
+        raise TorchDynamoException("backend='inductor' raised:\nCppCompileError: no C++ compiler")
 
-    engine._decode_compiled = broken
+    engine = Engine(model, compile=True)
+    engine._decode_compiled = failed_compilation
     [got] = engine.generate([Request([1, 2], 6, GREEDY)])
-    assert got.tokens == ref.tokens and engine.compile_error == "RuntimeError: no compiler here"
+    assert got.tokens == ref.tokens and engine._decode_compiled is None
+    assert engine.compile_error == "TorchDynamoException: backend='inductor' raised: CppCompileError: no C++ compiler"
+
+    def bug(*args):  # anything else is a bug and is not hidden by the fallback
+        raise IndexError("index 132 is out of bounds")
+
+    engine = Engine(model, compile=True)
+    engine._decode_compiled = bug
+    with pytest.raises(IndexError):
+        engine.generate([Request([1, 2], 6, GREEDY)])
+
+
+def test_a_shared_model_keeps_working_across_engines():
+    # Another engine (or the speculative decoder) may set up the model's cache in between.
+    model = tiny()
+    a, b = Engine(model), Engine(model)
+    [first] = a.generate([Request([1, 2, 3], 40, GREEDY)])
+    b.generate([Request([4], 3, GREEDY)])
+    [again] = a.generate([Request([1, 2, 3], 40, GREEDY)])
+    assert again.tokens == first.tokens
 
 
 # ---------------------------------------------------------------- sampling against references
