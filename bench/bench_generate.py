@@ -1,0 +1,211 @@
+"""leangpt's generation engine against transformers' generate() on the same weights, from the same checkpoint dir.
+
+A GPT-2 of 6 layers × 384 wide with an 8192-token vocabulary (14M parameters, random weights unless --model
+gives a checkpoint) is loaded twice from one directory: by leangpt (`load_model`) and by transformers
+(`AutoModelForCausalLM.from_pretrained`). Both decode greedily from the same random 32-token prompts, 128 new
+tokens, batch 1 and 8; the script asserts that the tokens are identical. Runs alternate between the two
+(paired, so that load from other processes falls on both alike), one warm-up round, median of --repeats.
+
+Beside the batch-1 figures: the memory-bandwidth bound, weight bytes read per token ÷ the copy bandwidth
+measured in this run (STREAM convention: a copy moves 2 × its size).
+
+With --spec-target and --spec-draft (two checkpoints with one tokenizer), speculative decoding at batch 1
+against the same engine without a draft, greedy (tokens asserted identical) and sampled: tokens/s, speed-up and
+acceptance rate.
+
+    flock /tmp/leangpt-bench.lock python bench/bench_generate.py --json-out bench/generate.json \
+        [--spec-target CKPT --spec-draft SMALL_CKPT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from leangpt import hf
+from leangpt.checkpoint import load_model
+from leangpt.config import ModelConfig
+from leangpt.data.tokenizer import TextTokenizer
+from leangpt.engine import Engine, Request
+from leangpt.model import GPT
+from leangpt.sampling import SamplingConfig
+from leangpt.speculative import SpeculativeGeneration
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def write_random_checkpoint(directory: Path, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384)
+    model = GPT(config)
+    (directory / "config.json").write_text(json.dumps(hf.config_to_hf(config)))
+    save_file(hf.to_hf_state_dict(config, model.state_dict()), str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 10) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), the same threads as the decode."""
+    a = torch.ones(mb * 2**20 // 4)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / statistics.median(times[1:])
+
+
+def weight_bytes_per_token(model: GPT) -> int:
+    """Every weight read once per decoded token: all parameters but the position table (one row is looked up);
+    the tied token embedding counts once, as the output head reads all of it."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.pos_emb is not None:
+        n -= model.pos_emb.weight.numel() * model.pos_emb.weight.element_size()
+    return n
+
+
+def leangpt_run(engine: Engine, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, float, float]:
+    gen = engine.start([Request(p, new, GREEDY) for p in prompts.tolist()])
+    t0 = time.perf_counter()
+    gen.run(sync_every=new)
+    total = time.perf_counter() - t0
+    return torch.tensor([c.tokens for c in gen.completions]), total, gen.prefill_s
+
+
+def hf_run(model, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=new,
+                         min_new_tokens=new, pad_token_id=0)
+    return out[:, prompts.size(1):], time.perf_counter() - t0
+
+
+def bench_batch(ours: Engine, ref, batch: int, prompt_len: int, new: int, repeats: int) -> dict[str, Any]:
+    vocab = ours.model.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
+    t_ours, t_ttft, t_hf, t_hf_first = [], [], [], []
+    with torch.inference_mode():
+        for r in range(repeats + 1):  # round 0 is the warm-up (and compilation when enabled)
+            tokens, total, ttft = leangpt_run(ours, prompts, new)
+            ref_tokens, hf_total = hf_run(ref, prompts, new)
+            _, hf_first = hf_run(ref, prompts, 1)  # transformers' time to first token, for its decode rate
+            if not torch.equal(tokens, ref_tokens):
+                rows = (tokens != ref_tokens).any(1).nonzero().flatten().tolist()
+                raise AssertionError(f"batch {batch}: greedy tokens differ from transformers in rows {rows}")
+            if r:
+                t_ours.append(total)
+                t_ttft.append(ttft)
+                t_hf.append(hf_total)
+                t_hf_first.append(hf_first)
+    m = statistics.median
+    ours_total, hf_total = m(t_ours), m(t_hf)
+    return {
+        "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new, "identical_greedy_tokens": True,
+        "leangpt_tokens_per_s": batch * new / ours_total,
+        "transformers_tokens_per_s": batch * new / hf_total,
+        "ratio": hf_total / ours_total,
+        "leangpt_decode_tokens_per_s": batch * (new - 1) / (ours_total - m(t_ttft)),
+        "transformers_decode_tokens_per_s": batch * (new - 1) / max(hf_total - m(t_hf_first), 1e-9),
+        "leangpt_ttft_s": m(t_ttft), "transformers_ttft_s": m(t_hf_first),
+    }
+
+
+def bench_speculative(target_dir: Path, draft_dir: Path, k: int, new: int, repeats: int) -> list[dict[str, Any]]:
+    target, draft = load_model(target_dir), load_model(draft_dir)
+    prompt = TextTokenizer.load(target_dir).encode("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    engine = Engine(target)
+    rows = []
+    for name, sampling in (("greedy", GREEDY), ("temperature 0.8", SamplingConfig(temperature=0.8))):
+        t_plain, t_spec, rates = [], [], []
+        with torch.inference_mode():
+            for r in range(repeats + 1):
+                req = Request(prompt, new, sampling, seed=r)
+                t0 = time.perf_counter()
+                [plain] = engine.generate([req])
+                t1 = time.perf_counter()
+                spec = SpeculativeGeneration(target, draft, req, k)
+                for _ in spec:
+                    pass
+                t2 = time.perf_counter()
+                if sampling.greedy and spec.completion.tokens != plain.tokens:
+                    raise AssertionError("speculative greedy tokens differ from the target alone")
+                if r:
+                    t_plain.append((t1 - t0) / len(plain.tokens))
+                    t_spec.append((t2 - t1) / len(spec.completion.tokens))
+                    rates.append(spec.stats.acceptance_rate)
+        m = statistics.median
+        rows.append({"sampling": name, "draft_tokens": k, "plain_tokens_per_s": 1 / m(t_plain),
+                     "speculative_tokens_per_s": 1 / m(t_spec), "speedup": m(t_plain) / m(t_spec),
+                     "acceptance_rate": m(rates)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="GPT-2 checkpoint dir (default: a random 6×384, vocab 8192 one)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up")
+    ap.add_argument("--compile", action="store_true", help="torch.compile leangpt's decode step")
+    ap.add_argument("--threads", type=int, help="torch threads for both (default: torch's choice)")
+    ap.add_argument("--spec-target", type=Path, help="target checkpoint for the speculative decoding figures")
+    ap.add_argument("--spec-draft", type=Path, help="draft checkpoint (same tokenizer) for them")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per speculative round")
+    ap.add_argument("--json-out", type=Path, help="write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = args.model or Path(tmp)
+        if args.model is None:
+            write_random_checkpoint(directory)
+        model = load_model(directory)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    engine = Engine(model, compile=args.compile)
+    bandwidth = copy_bandwidth()
+    wbytes = weight_bytes_per_token(model)
+    rows = [bench_batch(engine, ref, b, args.prompt_tokens, args.new_tokens, args.repeats) for b in args.batch]
+    bandwidth = max(bandwidth, copy_bandwidth())  # measured before and after: the less disturbed figure
+    result = {
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "params": model.num_params(), "compile": args.compile and engine.compile_error is None,
+        "compile_error": engine.compile_error,
+        "weight_bytes_per_token": wbytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "batch1_bandwidth_bound_tokens_per_s": bandwidth / wbytes, "rows": rows,
+    }
+    print(f"threads {result['threads']}, params {result['params']:,}, compile {result['compile']}, "
+          f"weights/token {wbytes / 2**20:.1f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"-> batch-1 bound {bandwidth / wbytes:.0f} tokens/s")
+    print(f"{'batch':>5} {'leangpt tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} {'leangpt decode':>15} "
+          f"{'hf decode':>10} {'leangpt TTFT s':>15} {'hf TTFT s':>10}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['leangpt_tokens_per_s']:>14.1f} {r['transformers_tokens_per_s']:>19.1f} "
+              f"{r['ratio']:>5.2f}x {r['leangpt_decode_tokens_per_s']:>15.1f} "
+              f"{r['transformers_decode_tokens_per_s']:>10.1f} {r['leangpt_ttft_s']:>15.4f} "
+              f"{r['transformers_ttft_s']:>10.4f}")
+    print("greedy tokens identical to transformers: yes (asserted)")
+    if args.spec_target and args.spec_draft:
+        result["speculative"] = bench_speculative(args.spec_target, args.spec_draft, args.draft_tokens,
+                                                  args.new_tokens, args.repeats)
+        print(f"speculative decoding, batch 1, {args.spec_target} with draft {args.spec_draft}:")
+        for r in result["speculative"]:
+            print(f"  {r['sampling']:<16} plain {r['plain_tokens_per_s']:.1f} tok/s, speculative "
+                  f"{r['speculative_tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x), acceptance "
+                  f"{r['acceptance_rate']:.2f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
