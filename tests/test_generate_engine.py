@@ -10,7 +10,7 @@ import torch.nn as nn
 import transformers.generation.logits_process as hf_lp
 
 from leangpt.config import ModelConfig
-from leangpt.engine import Engine, Request
+from leangpt.engine import Engine, Request, use_decode_layout
 from leangpt.errors import UserError
 from leangpt.model import GPT
 from leangpt.sampling import Sampler, SamplingConfig
@@ -242,3 +242,14 @@ def test_draws_follow_the_distribution():
     chi2 = (((counts - n * probs[0]) ** 2) / (n * probs[0])).sum().item()
     assert chi2 < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
     assert not math.isclose(counts[0].item() / n, 1 / V, abs_tol=0.05)
+
+
+def test_decode_layout_changes_memory_order_only():
+    model, ref = tiny(), tiny()
+    use_decode_layout(model)
+    assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight is model.tok_emb.weight
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
