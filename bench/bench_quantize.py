@@ -20,7 +20,6 @@ size on disk, bits per weight with scales, and the kernels the quantized layers 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -32,7 +31,6 @@ import torch
 import torch.nn as nn
 
 from leangpt.checkpoint import load_checkpoint, load_model, read_meta
-from leangpt import evaluate
 from leangpt.data.shards import Dataset
 from leangpt.evaluate import evaluate_tokens
 from leangpt.quant.model import kernels_used, target_layers
@@ -80,9 +78,6 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    # Score every variant in fp32, the precision the float model and the quantized kernels compute in
-    # (evaluate's autocast may pick bf16 on CPUs with bf16 support; torch.ao's modules reject bf16).
-    evaluate.autocast = lambda device: contextlib.nullcontext()
     fp32, tokenizer, _ = load_checkpoint(args.model)
     dirs: dict[str, Path | None] = {"fp32": args.model}
     quant_seconds: dict[str, float] = {}
