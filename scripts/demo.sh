@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded Shakespeare corpus: prepare -> train -> eval -> generate.
-# Set up first (scripts/setup.sh). Outputs go to runs/demo/. About 5 minutes on a 2-core CPU (measured: BENCHMARKS.md).
+# Runs scripts/setup.sh first. Outputs go to runs/demo/. About 5 minutes on a 2-core CPU (measured: BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
