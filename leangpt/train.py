@@ -467,7 +467,10 @@ def _train(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
     written: list[int] = [step] if resume else []  # steps saved by this run into out
     writer = None
     if tensorboard is not None and world.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'leangpt[tensorboard]'") from None
         writer = SummaryWriter(str(tensorboard))
 
     def save(metrics: dict[str, Any]) -> None:

@@ -87,3 +87,10 @@ def test_yaml_config_and_existing_output(tmp_path, capsys, dataset_dir, tiny_che
     assert code == 2 and "already exists" in err
     code, _, err = run_cli(["train", "--data", str(dataset_dir), "--out", str(tmp_path / "x"), "--init", str(tmp_path)], capsys)
     assert code == 2 and "config.json" in err
+
+
+def test_tensorboard_event_files(tmp_path, dataset_dir):
+    logs = tmp_path / "tb"
+    train(TrainConfig(preset="tiny", max_steps=2, batch_size=2, eval_every=0, eval_tokens=256, log_every=1),
+          dataset_dir, tmp_path / "ck", tensorboard=logs, progress=False)
+    assert list(logs.glob("events.out.tfevents.*"))
