@@ -23,6 +23,7 @@ from leangpt.checkpoint import load_config, load_model, read_meta
 from leangpt.device import pick_device
 from leangpt.engine import Engine, Request
 from leangpt.errors import UserError
+from leangpt.quant.model import kernels_used
 from leangpt.sampling import SamplingConfig
 
 
@@ -40,16 +41,6 @@ def count_params(model: nn.Module) -> int:
 
 def size_on_disk_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.glob("model*.safetensors")) / 2**20
-
-
-def kernels_used(model: nn.Module) -> dict[str, int]:
-    """Layers per low-bit kernel, for modules that name theirs (quantized linears)."""
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        k = getattr(m, "kernel", None)
-        if isinstance(k, str) and k:
-            counts[k] = counts.get(k, 0) + 1
-    return counts
 
 
 def timed_run(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed: int) -> tuple[float, float]:

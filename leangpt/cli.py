@@ -103,18 +103,23 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML (or JSON) file holding a mapping of settings; a missing or malformed file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings")
+    return data
+
+
 def apply_overrides(obj: Any, config_file: Path | None, overrides: list[str]) -> Any:
     """Apply a YAML file then KEY=VALUE strings to a dataclass (nested keys with dots)."""
     if config_file is not None:
-        if not config_file.is_file():
-            raise UserError(f"{config_file}: config file not found")
-        try:
-            data = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{config_file}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{config_file}: expected a mapping of settings")
-        for k, v in _flatten(data).items():
+        for k, v in _flatten(read_mapping(config_file, "config")).items():
             _set_field(obj, k, v)
     for item in overrides:
         key, sep, value = item.partition("=")

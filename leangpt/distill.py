@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from leangpt import cli, distributed, train_state
 from leangpt.checkpoint import load_checkpoint, read_meta
@@ -254,14 +253,7 @@ def student_from_teacher(teacher: GPT, config: ModelConfig, layers: list[int]) -
 
 def read_student_config(path: Path, teacher: ModelConfig) -> ModelConfig:
     """A YAML/JSON mapping of model fields over the teacher's config, or a Hugging Face config.json."""
-    if not path.is_file():
-        raise UserError(f"{path}: student config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of model settings")
+    data = cli.read_mapping(path, "student config")
     if "model_type" in data:
         return config_from_hf(data)
     fields = teacher.to_dict()

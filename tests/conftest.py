@@ -25,6 +25,17 @@ def write_corpus(directory: Path, n_docs: int = 24, sentences: int = 60, seed: i
     return directory
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models decode faster on one thread, and far faster when other processes share the CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "texts")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from leangpt.checkpoint import load_checkpoint
 from leangpt.data.tokenizer import TextTokenizer
@@ -13,13 +12,7 @@ from leangpt.sampling import SamplingConfig
 from tests.conftest import run_cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread, and far faster when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ GREEDY = SamplingConfig(temperature=0)
 CHI2_15_DOF_P001 = 37.7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread, and far faster when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int, vocab: int = 300, scale: float = 4.0, **kw) -> GPT:

@@ -10,7 +10,7 @@ from leangpt.data.prepare import prepare
 from leangpt.data.sources import ReadOptions
 from leangpt.data.shards import Dataset
 from leangpt.data.tokenizer import TextTokenizer
-from tests.conftest import WORDS, run_cli, write_corpus
+from tests.conftest import WORDS, run_cli
 
 
 def test_manifest_and_shards(dataset_dir):

@@ -3,7 +3,6 @@ checkpoints that resume across process counts (DDP: 2 -> 1, FSDP2: 1 -> 2)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

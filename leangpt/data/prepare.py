@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from leangpt import cli
 from leangpt.data.clean import CLEAN_STEPS, clean
-from leangpt.data.dedup import MinHasher, UnionFind, exact_key, near_duplicates
+from leangpt.data.dedup import MinHasher, exact_key, near_duplicates
 from leangpt.data.filters import FILTER_NAMES, FilterConfig, failing_filter
 from leangpt.data.shards import token_dtype
 from leangpt.data.sources import DEFAULT_INCLUDE, Document, ReadOptions, SourceSpec, SourceStats, read_source
