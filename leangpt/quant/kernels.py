@@ -114,12 +114,13 @@ class Int4PackCPULinear(QuantLinear):
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros.to(x.dtype))
 
 
-def _fbgemm_prepack(w_int: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> object:
-    """Pack per-output-channel affine int8 weights for torch.ops.quantized.linear_dynamic."""
+def _fbgemm_prepack(w_int: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> object:
+    """Pack per-output-channel affine int8 weights (and the fp32 bias) for torch.ops.quantized.linear_dynamic."""
     with warnings.catch_warnings():  # quantized-tensor constructors warn of deprecation; FBGEMM still needs them
         warnings.simplefilter("ignore")
         qt = torch._make_per_channel_quantized_tensor(w_int.to(torch.int8), scales.double(), zero_points.long(), 0)
-        return torch.ops.quantized.linear_prepack(qt, None)
+        return torch.ops.quantized.linear_prepack(qt, bias)
 
 
 def _fbgemm_available(device: torch.device) -> bool:
@@ -134,14 +135,17 @@ class FbgemmLinear(QuantLinear):
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__(qw, bias, device)
-        self.packed = _fbgemm_prepack(qw.qweight, qw.scales, torch.zeros(qw.out_features))
+        # The bias goes into FBGEMM's packed params: one fused call per forward, as torch.ao's module makes.
+        self.packed = _fbgemm_prepack(qw.qweight, qw.scales, torch.zeros(qw.out_features), self.bias)
 
     @staticmethod
     def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
         return scheme.bits == 8 and _fbgemm_available(device)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # linear_dynamic takes any leading dims; no reshape or separate bias add on the decode path.
+        y = torch.ops.quantized.linear_dynamic(x if x.dtype == torch.float32 else x.float(), self.packed, True)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class FbgemmGroupsLinear(QuantLinear):
