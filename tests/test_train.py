@@ -94,3 +94,12 @@ def test_tensorboard_event_files(tmp_path, dataset_dir):
     train(TrainConfig(preset="tiny", max_steps=2, batch_size=2, eval_every=0, eval_tokens=256, log_every=1),
           dataset_dir, tmp_path / "ck", tensorboard=logs, progress=False)
     assert list(logs.glob("events.out.tfevents.*"))
+
+
+def test_activation_checkpointing_gives_the_same_weights(tmp_path, dataset_dir):
+    common = dict(preset="tiny", max_steps=3, batch_size=4, eval_every=0, eval_tokens=256, precision="fp32")
+    train(TrainConfig(**common), dataset_dir, tmp_path / "plain", progress=False)
+    train(TrainConfig(**common, activation_checkpointing=True), dataset_dir, tmp_path / "ac", progress=False)
+    plain, ac = load_checkpoint(tmp_path / "plain")[0], load_checkpoint(tmp_path / "ac")[0]
+    for (name, a), (_, b) in zip(plain.state_dict().items(), ac.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
