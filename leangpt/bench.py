@@ -23,7 +23,7 @@ from leangpt.checkpoint import load_config, load_model, read_meta
 from leangpt.device import pick_device
 from leangpt.engine import Engine, Request
 from leangpt.errors import UserError
-from leangpt.quant.model import kernels_used
+from leangpt.quant.model import QuantEmbedding, kernels_used
 from leangpt.sampling import SamplingConfig
 
 
@@ -36,6 +36,8 @@ def count_params(model: nn.Module) -> int:
             bias = getattr(m, "bias", None)
             if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
                 n += bias.numel()
+        if isinstance(m, QuantEmbedding) and not model.config.tie_embeddings:  # a tied table counts in the head
+            n += m.num_embeddings * m.embedding_dim
     return n
 
 

@@ -189,7 +189,7 @@ class GPT(nn.Module):
         """
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
-        param = self.tok_emb.weight
+        param = self.norm_f.weight  # always a float parameter, even when the embedding is quantized
         dtype = dtype or param.dtype
         cache = self.blocks[0].attn.kv_cache
         if cache is not None and cache.k.shape[0] == batch and self.cache_len == max_len \

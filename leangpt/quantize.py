@@ -33,7 +33,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping as a fraction of its mean diagonal")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--quantize-head", action="store_true",
-                   help="also quantize the output head (default: kept in full precision; the embedding always is)")
+                   help="also quantize the output head (default: kept in full precision)")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="also quantize the token embedding (round-to-nearest); with tied embeddings the head "
+                        "computes from the same quantized table (default: kept in full precision)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     p.add_argument("--device", default="auto", help="device to quantize on (the result loads on any device)")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
@@ -67,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         tokens = calibration_tokens(args.calib_data, args.calib_samples, seq_len, args.seed, args.calib_split)
     t0 = time.perf_counter()
     qweights = quantize_model(model, scheme, method, tokens, args.quantize_head, args.damp, args.act_order,
-                              progress=True)
+                              progress=True, include_embedding=args.quantize_embedding)
     seconds = time.perf_counter() - t0
     meta = {"kind": "quantize", "parent": str(args.model), "method": args.method,
             "calibration": None if tokens is None else {
                 "data": str(args.calib_data), "samples": args.calib_samples, "seq_len": tokens.shape[1],
                 "split": args.calib_split, "seed": args.seed, "damp": args.damp, "act_order": args.act_order},
-            "quantize_head": args.quantize_head, "parent_meta": parent_meta}
+            "quantize_head": args.quantize_head, "quantize_embedding": args.quantize_embedding,
+            "parent_meta": parent_meta}
     with atomic_dir(args.out) as tmp:
         save_quantized(tmp, model, qweights, scheme, "gptq" if method == "gptq" else "rtn", meta)
         tokenizer.save(tmp)

@@ -133,6 +133,12 @@ def dequantized_twin(float_dir, quant_dir) -> nn.Module:
     scheme = Scheme.from_dict(meta["scheme"])
     tensors = load_file(str(quant_dir / "model.safetensors"))
     for name in meta["layers"]:
+        if name == "tok_emb":  # the (vocab, C) table; a tied head reads the same dequantized table
+            qw = QuantizedWeight.from_tensors(scheme, tensors, name, model.config.n_embd, model.config.vocab_size)
+            model.tok_emb.weight = nn.Parameter(qw.dequantize())
+            if model.config.tie_embeddings:
+                model.lm_head.weight = model.tok_emb.weight
+            continue
         lin = model.get_submodule(name)
         qw = QuantizedWeight.from_tensors(scheme, tensors, name, lin.in_features, lin.out_features)
         lin.weight = nn.Parameter(qw.dequantize())  # unties a quantized head from the embedding
@@ -147,6 +153,7 @@ def quantized(tmp_path_factory, tiny_checkpoint, dataset_dir):
     for name, argv in {
         "int8": ["--method", "int8"],
         "int4": ["--method", "int4", "--group-size", "32", "--quantize-head"],
+        "int4emb": ["--method", "int4", "--group-size", "32", "--quantize-embedding"],
         "gptq4": ["--method", "gptq-int4", "--group-size", "32", "--calib-data", str(dataset_dir),
                   "--calib-samples", "16", "--calib-seq-len", "64"],
     }.items():
@@ -168,7 +175,16 @@ def test_quantized_checkpoint_format(quantized, tiny_checkpoint):
         json.loads((tiny_checkpoint / "config.json").read_text())
 
 
-@pytest.mark.parametrize("which", ["int8", "int4", "gptq4"])
+def test_quantized_tied_embedding_is_stored_once_and_shrinks_the_file(quantized, tiny_checkpoint):
+    q = json.loads((quantized["int4emb"] / "leangpt.json").read_text())["quantization"]
+    assert "tok_emb" in q["layers"] and "lm_head" not in q["layers"]  # the tied head reads the same table
+    tensors = load_file(str(quantized["int4emb"] / "model.safetensors"))
+    assert "tok_emb.weight" not in tensors and tensors["tok_emb.qweight"].dtype == torch.uint8
+    size = {k: (quantized[k] / "model.safetensors").stat().st_size for k in ("int4", "int4emb")}
+    assert size["int4emb"] < size["int4"]
+
+
+@pytest.mark.parametrize("which", ["int8", "int4", "int4emb", "gptq4"])
 def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_checkpoint, which, monkeypatch):
     twin = dequantized_twin(tiny_checkpoint, quantized[which])
     x = torch.randint(0, twin.config.vocab_size, (2, 20))

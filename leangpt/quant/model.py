@@ -40,12 +40,18 @@ def target_layers(model: GPT, include_head: bool) -> list[str]:
 @torch.no_grad()
 def quantize_model(model: GPT, scheme: Scheme, method: str, calib_tokens: torch.Tensor | None = None,
                    include_head: bool = False, damp: float = 0.01, act_order: bool = False,
-                   batch_size: int = 8, progress: bool = False) -> dict[str, QuantizedWeight]:
+                   batch_size: int = 8, progress: bool = False,
+                   include_embedding: bool = False) -> dict[str, QuantizedWeight]:
     """Quantized weights by layer name. GPTQ changes `model` in place: each block's linears take their
-    dequantized weights, so later blocks calibrate on the already-quantized model's activations."""
-    names = target_layers(model, include_head)
+    dequantized weights, so later blocks calibrate on the already-quantized model's activations.
+
+    include_embedding quantizes the token embedding by round-to-nearest (a lookup has no Hessian); with tied
+    embeddings the output head then computes from that same quantized table, so it is stored once."""
+    tied_table = include_embedding and model.config.tie_embeddings
+    names = target_layers(model, include_head and not tied_table)
+    embedding = {"tok_emb": quantize_rtn(model.tok_emb.weight, scheme)} if include_embedding else {}
     if method == "rtn":
-        return {n: quantize_rtn(model.get_submodule(n).weight, scheme) for n in names}
+        return {**{n: quantize_rtn(model.get_submodule(n).weight, scheme) for n in names}, **embedding}
     if method != "gptq":
         raise UserError(f"unknown quantization method {method!r}; choose rtn or gptq")
     if calib_tokens is None:
@@ -61,7 +67,8 @@ def quantize_model(model: GPT, scheme: Scheme, method: str, calib_tokens: torch.
         bar.update()
 
     process_blocks(model, calib_tokens, quantize_block, batch_size)
-    if include_head:  # its inputs are the final hidden states of the quantized blocks
+    out.update(embedding)
+    if include_head and not tied_table:  # its inputs are the final hidden states of the quantized blocks
         device = next(model.parameters()).device
         stats = InputStats(model.config.n_embd, device)
         for idx in calib_tokens.to(device).split(batch_size):
@@ -115,6 +122,32 @@ def swap_linears(model: GPT, qweights: dict[str, QuantizedWeight], device: torch
     return chosen
 
 
+class QuantEmbedding(nn.Module):
+    """A quantized (vocab, C) table: a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, qw: QuantizedWeight, device: torch.device) -> None:
+        super().__init__()
+        self.scheme, self.num_embeddings, self.embedding_dim = qw.scheme, qw.out_features, qw.in_features
+        # Not in the state dict: the checkpoint stores these under tok_emb.qweight / .scales / .zeros.
+        self.register_buffer("qweight", qw.qweight.to(device), persistent=False)
+        self.register_buffer("scales", qw.scales.to(device), persistent=False)
+        self.register_buffer("zeros", None if qw.zeros is None else qw.zeros.to(device), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        rows = QuantizedWeight(self.scheme, self.qweight[flat], self.scales[flat],
+                               None if self.zeros is None else self.zeros[flat], self.embedding_dim)
+        return rows.dequantize().reshape(*idx.shape, self.embedding_dim)  # (B, T, C)
+
+
+def swap_embedding(model: GPT, qw: QuantizedWeight, device: torch.device, kernel: str | None = None) -> None:
+    """Replace the token embedding (and a tied head, which reads the same table) with quantized modules."""
+    model.tok_emb = QuantEmbedding(qw, device)
+    if model.config.tie_embeddings:
+        k = choose_kernel(qw.scheme, qw.out_features, qw.in_features, device, kernel)
+        model.lm_head = KERNELS[k](qw, None, device)
+
+
 def load_quantized(directory: Path, config: ModelConfig, quant: dict[str, Any], tensors: dict[str, torch.Tensor],
                    device: torch.device, kernel: str | None = None) -> GPT:
     """Build GPT(config) with its quantized layers swapped in, packed for `device` (no fp32 copy of them)."""
@@ -124,11 +157,17 @@ def load_quantized(directory: Path, config: ModelConfig, quant: dict[str, Any], 
     model = GPT(config)
     qweights = {}
     for name in quant["layers"]:
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"{directory}/leangpt.json: no layer {name!r} in this model") from None
-        qweights[name] = QuantizedWeight.from_tensors(scheme, tensors, name, lin.in_features, lin.out_features)
+        if name == "tok_emb":
+            in_f, out_f = config.n_embd, config.vocab_size
+        else:
+            try:
+                lin = model.get_submodule(name)
+            except AttributeError:
+                raise UserError(f"{directory}/leangpt.json: no layer {name!r} in this model") from None
+            in_f, out_f = lin.in_features, lin.out_features
+        qweights[name] = QuantizedWeight.from_tensors(scheme, tensors, name, in_f, out_f)
+    if "tok_emb" in qweights:
+        swap_embedding(model, qweights.pop("tok_emb"), device, kernel)
     swap_linears(model, qweights, device, kernel)  # frees the fp32 weights of the swapped layers
     model = model.to(device)
     rest = {k: v for k, v in tensors.items() if not k.endswith(QUANT_SUFFIXES)}
