@@ -21,6 +21,14 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory")
+    # Fail now, not after hours of work, if the parent cannot hold the output.
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"cannot write {out}: {parent} is not writable")
+            break
     return out
 
 

@@ -51,3 +51,10 @@ def test_user_error_has_no_traceback_in_a_real_process(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path, capsys, dataset_dir):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    code, _, err = run_cli(["train", "--data", str(dataset_dir), "--out", str(blocker / "ck"), "--preset", "tiny"], capsys)
+    assert code == 2 and "is a file, not a directory" in err
