@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.student_config, args.student_init, overwrite=args.overwrite, resume=args.resume)
     finally:
         distributed.shutdown()
-    if os.environ.get("RANK", "0") != "0":
+    if not distributed.is_main_process():
         return 0
     result = {"checkpoint": str(args.out), "teacher": str(args.teacher), **final}
     if args.json:

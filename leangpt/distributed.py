@@ -57,6 +57,11 @@ def local_device(device: torch.device, world: World) -> torch.device:
     return device
 
 
+def is_main_process() -> bool:
+    """True outside torchrun and on rank 0: the one process that prints the command's result."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                       tensorboard=args.tensorboard)
     finally:
         distributed.shutdown()
-    if "RANK" in os.environ and os.environ["RANK"] != "0":
+    if not distributed.is_main_process():
         return 0
     result = {"checkpoint": str(args.out), **final}
     if args.json:
