@@ -206,7 +206,10 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
             assert list(generate_ids(model, prompt, 24, greedy)) == ref_text, kernel
 
 
-def test_gptq_checkpoint_is_closer_to_float_than_rtn(quantized, tiny_checkpoint, dataset_dir, capsys):
+def test_gptq_checkpoint_is_closer_to_float_than_rtn(quantized, tiny_checkpoint, dataset_dir, capsys, monkeypatch):
+    # Compare the stored weights, not the kernels: the measured kernel choice can give int8 FBGEMM's 8-bit
+    # activations on one run and a weight-only kernel on the next.
+    monkeypatch.setenv("LEANGPT_QUANT_KERNEL", "reference")
     float_model = load_model(tiny_checkpoint)
     from leangpt.data.shards import Dataset
     from leangpt.evaluate import evaluate_tokens
