@@ -11,19 +11,17 @@ whose band is equal. Memory is the (N, num_perm) uint32 signature matrix plus O(
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from leangpt.data.words import mix64, ngram_hashes
 
-_SPACES = re.compile(r"\s+")
-
 
 def exact_key(text: str) -> bytes:
     """Digest of the text with case and whitespace normalised: documents that differ only there share it."""
-    return hashlib.blake2b(_SPACES.sub(" ", text.lower()).strip().encode("utf-8"), digest_size=16).digest()
+    # str.split() splits at the same (Unicode) whitespace as the regex \s+ and drops the ends, several times faster.
+    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
 
 
 class MinHasher:
@@ -37,13 +35,13 @@ class MinHasher:
         self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd multipliers
         self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
 
-    def shingles(self, word_hashes: np.ndarray) -> np.ndarray:
-        """The set of shingle hashes (unique, uint64)."""
-        return np.unique(ngram_hashes(word_hashes, self.shingle))
-
     def signature(self, word_hashes: np.ndarray) -> np.ndarray:
-        """(num_perm,) uint32; a document without words gets all-ones (it matches only other empty documents)."""
-        shingles = self.shingles(word_hashes)
+        """(num_perm,) uint32 of the word shingles; a document without words gets all-ones (it matches only other
+        empty documents)."""
+        return self.signature_of_shingles(ngram_hashes(word_hashes, self.shingle))
+
+    def signature_of_shingles(self, shingles: np.ndarray) -> np.ndarray:
+        """(num_perm,) uint32 from the shingle hashes; repeats need no removal (a minimum ignores them)."""
         best = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         step = max(1, (1 << 20) // self.num_perm)  # bound the (P, S) temporary to ~8 MB
         buf = np.empty((self.num_perm, min(step, max(1, len(shingles)))), dtype=np.uint64)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from leangpt.data.words import Words, ngram_hashes
+from leangpt.data.words import Words
 
 FILTER_NAMES = ("length", "mean_word_length", "alpha_fraction", "symbol_ratio", "duplicate_lines",
                 "top_ngram", "duplicate_ngram")
@@ -43,18 +43,10 @@ class FilterConfig:
 
 def duplicate_line_char_fraction(text: str) -> float:
     """Characters in non-blank lines that repeat an earlier line, over the characters of all non-blank lines."""
-    seen: set[str] = set()
-    total = dup = 0
-    for line in text.split("\n"):
-        line = line.strip()
-        if not line:
-            continue
-        total += len(line)
-        if line in seen:
-            dup += len(line)
-        else:
-            seen.add(line)
-    return dup / total if total else 0.0
+    lines = [line for line in map(str.strip, text.split("\n")) if line]
+    total = sum(map(len, lines))
+    # Every distinct line counts once as original; the rest of the characters are repeats.
+    return (total - sum(map(len, set(lines)))) / total if total else 0.0
 
 
 def _bins(grams: np.ndarray) -> np.ndarray:
@@ -67,7 +59,7 @@ def _top_ngram_upper_bound(w: Words, n: int, total_chars: int) -> float:
     """At least top_ngram_char_fraction: buckets merge n-grams, never split them. One pass, no sort."""
     if len(w) < n:
         return 0.0
-    bins = _bins(ngram_hashes(w.hashes, n))
+    bins = _bins(w.ngrams(n))
     gram_chars = np.convolve(w.chars, np.ones(n, dtype=np.int64), mode="valid")
     return float(np.bincount(bins, weights=gram_chars).max()) / total_chars
 
@@ -82,7 +74,7 @@ def top_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
     """Characters covered by the most frequent n-gram (the longest one among ties), over all word characters."""
     if len(w) < n:
         return 0.0
-    _, first, counts = np.unique(ngram_hashes(w.hashes, n), return_index=True, return_counts=True)
+    _, first, counts = np.unique(w.ngrams(n), return_index=True, return_counts=True)
     top = counts.max()
     if top < 2:
         return 0.0
@@ -93,8 +85,7 @@ def top_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
 def duplicate_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
     if len(w) < n:
         return 0.0
-    grams = ngram_hashes(w.hashes, n)
-    _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(w.ngrams(n), return_inverse=True, return_counts=True)
     return _covered_fraction(w, counts[inverse] > 1, n, total_chars)
 
 

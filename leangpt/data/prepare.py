@@ -15,7 +15,9 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,10 @@ from leangpt.data.writer import Spool, TokenWriter
 from leangpt.errors import UserError
 from leangpt.fsutil import atomic_dir, check_output_dir
 
-BATCH_BYTES = 4 << 20  # text per worker task and per tokenizer call
+# Text per worker task and per tokenizer call: small enough that two workers share a 10 MB corpus evenly, large
+# enough that a task's overhead (pickling, scheduling) stays under 1%.
+BATCH_BYTES = 1 << 20
+TOKENIZER_SAMPLE_BYTES = 4 << 20  # default BPE training sample; BENCHMARKS.md has its effect on bytes per token
 
 
 @dataclasses.dataclass
@@ -79,7 +84,7 @@ def analyse(texts: list[str], cfg: _Config | None = None) -> list[Analysis]:
         if reason:
             out.append(Analysis(text, n_in, changed, reason, b"", None))
             continue
-        sig = cfg.hasher.signature(w.hashes) if cfg.hasher else None
+        sig = cfg.hasher.signature_of_shingles(w.ngrams(cfg.hasher.shingle)) if cfg.hasher else None
         out.append(Analysis(text, n_in, changed, None, exact_key(text), sig))
     return out
 
@@ -151,11 +156,14 @@ def prepare(sources: list[str], out: Path, vocab_size: int = 8192, tokenizer_pat
             read: ReadOptions | None = None, clean_steps: dict[str, bool] | None = None,
             filters: FilterConfig | None = None, exact_dedup: bool = True, near_dup_threshold: float | None = 0.8,
             split_group_threshold: float | None = 0.05, num_perm: int = 128, shingle: int = 5, workers: int = 1,
-            tokenizer_sample_bytes: int = 64 << 20, dry_run: bool = False, progress: bool = False) -> dict[str, Any]:
+            tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES, dry_run: bool = False, progress: bool = False,
+            timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Build a dataset directory (see the module docstring); returns the manifest.
 
     filters=None applies no quality filter (the CLI passes FilterConfig() unless --no-filters); threshold None
     (or 0) turns near-dedup or split grouping off. With dry_run nothing is written and no tokenizer is trained.
+    A timings dict, when given, receives each stage's wall seconds (kept out of the manifest, which must not vary
+    from run to run).
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
@@ -166,6 +174,8 @@ def prepare(sources: list[str], out: Path, vocab_size: int = 8192, tokenizer_pat
         check_output_dir(out, overwrite)
     read = read or ReadOptions()
     specs = [SourceSpec.parse(s) for s in sources]
+    if timings is None:
+        timings = {}
     need_sigs = bool(near_dup_threshold) or bool(split_group_threshold)
     cfg = _Config({s: True for s in CLEAN_STEPS} | (clean_steps or {}), filters,
                   MinHasher(num_perm, shingle) if need_sigs else None)
@@ -193,6 +203,7 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
             for doc in read_source(spec, read, stats):
                 yield i, doc
 
+    clock = time.perf_counter()
     bar = tqdm(total=None, unit="B", unit_scale=True, desc="read, clean, filter, hash", disable=not o["progress"])
     try:
         for src, doc, a in _analysed(_batches(documents()), cfg, o["workers"]):
@@ -224,6 +235,8 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
     finally:
         bar.close()
     del seen
+    o["timings"]["read_clean_filter_hash"] = time.perf_counter() - clock
+    clock = time.perf_counter()
 
     n = len(names)
     keep = np.ones(n, dtype=bool)
@@ -264,6 +277,7 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
                    for i, j, e in res.pairs]
     del signatures
     is_val_kept = _split_units(len(kept_idx), groups, o["val_fraction"], o["seed"])
+    o["timings"]["dedup_split"] = time.perf_counter() - clock
     split_of = np.full(n, -1, dtype=np.int8)  # -1 removed, 0 train, 1 val
     split_of[kept_idx] = is_val_kept.astype(np.int8)
     # Mixing: a train document of a source with weight w is written floor(w) times, plus once more with
@@ -305,37 +319,59 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
     return manifest
 
 
+def _tokenizer_sample(spool: Spool, train_idx: np.ndarray, budget: int, seed: int,
+                      counts: dict[str, int]) -> Iterator[str]:
+    """Train documents in seeded random order until budget UTF-8 bytes, the last one cut to fit; counts receives
+    the documents and bytes yielded. Whole documents from across the corpus keep its mix of sources and styles."""
+    for i in train_idx[np.random.default_rng([seed, 2]).permutation(len(train_idx))].tolist():
+        if budget <= 0:
+            return
+        text = spool[i]
+        if spool.nbytes(i) > budget:
+            text = text.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
+        counts["documents"] += 1
+        counts["bytes"] += len(text.encode("utf-8"))
+        budget -= spool.nbytes(i)
+        yield text
+
+
 def _tokenize(spool: Spool, names: list[str], split_of: np.ndarray, copies: np.ndarray, tmp: Path,
               manifest: dict[str, Any], o: dict[str, Any]) -> None:
+    clock = time.perf_counter()
+    sample: dict[str, int] | None = None
     if o["tokenizer_path"] is not None:
         tokenizer = TextTokenizer.load(o["tokenizer_path"])
     else:
-        train_idx = np.flatnonzero(split_of == 0)
-        order = train_idx[np.random.default_rng([o["seed"], 2]).permutation(len(train_idx))]
-
-        def sample() -> Iterator[str]:
-            budget = o["tokenizer_sample_bytes"]
-            for i in order:
-                if budget <= 0:
-                    return
-                budget -= spool.nbytes(int(i))
-                yield spool[int(i)]
-
-        tokenizer = TextTokenizer.train(sample(), o["vocab_size"])
+        sample = {"documents": 0, "bytes": 0}
+        tokenizer = TextTokenizer.train(_tokenizer_sample(spool, np.flatnonzero(split_of == 0),
+                                                          o["tokenizer_sample_bytes"], o["seed"], sample),
+                                        o["vocab_size"])
+    o["timings"]["tokenizer_training"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
     manifest.update(vocab_size=tokenizer.vocab_size, eos_token=tokenizer.eos_token, eos_token_id=tokenizer.eos_id,
                     tokenizer_sha256=tokenizer.sha256(),
                     tokenizer_source=str(o["tokenizer_path"]) if o["tokenizer_path"] else "trained",
                     tokenizer_sample_bytes=None if o["tokenizer_path"] else o["tokenizer_sample_bytes"],
-                    dtype=dtype.name)
+                    tokenizer_sample=sample, dtype=dtype.name)
     writers = [TokenWriter(tmp / f"{s}.bin", dtype, tokenizer.eos_id) for s in ("train", "val")]
     splits = [{"documents": 0, "unique_documents": 0, "bytes": 0, "tokens": 0, "names": []} for _ in writers]
     bar = tqdm(total=int((np.array([spool.nbytes(i) for i in range(len(spool))]) * copies).sum()), unit="B",
                unit_scale=True, desc="tokenize", disable=not o["progress"])
-    batch: list[int] = []
 
-    def flush() -> None:
-        ids = tokenizer.encode_batch([spool[i] for i in batch])
+    def batches() -> Iterator[list[int]]:
+        batch: list[int] = []
+        size = 0
+        for i in np.flatnonzero(copies > 0).tolist():
+            batch.append(i)
+            size += spool.nbytes(i)
+            if size >= BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def write(batch: list[int], ids: list[list[int]]) -> None:
         for i, doc_ids in zip(batch, ids):
             s = int(split_of[i])
             writers[s].write([doc_ids] * int(copies[i]))
@@ -345,24 +381,25 @@ def _tokenize(spool: Spool, names: list[str], split_of: np.ndarray, copies: np.n
             rec["bytes"] += spool.nbytes(i) * int(copies[i])
             rec["names"].append(names[i])
             bar.update(spool.nbytes(i) * int(copies[i]))
-        batch.clear()
 
-    size = 0
-    for i in range(len(spool)):
-        if copies[i] == 0:
-            continue
-        batch.append(i)
-        size += spool.nbytes(i)
-        if size >= BATCH_BYTES:
-            flush()
-            size = 0
-    flush()
+    # The next batch is encoded (by the tokenizer's own threads) while this one is written.
+    with ThreadPoolExecutor(1) as ahead:
+        pending = None
+        for batch in batches():
+            job = ahead.submit(lambda b: tokenizer.encode_batch([spool[i] for i in b]), batch)
+            if pending is not None:
+                write(pending[0], pending[1].result())
+            pending = (batch, job)
+        if pending is not None:
+            write(pending[0], pending[1].result())
     bar.close()
     for w, rec, split in zip(writers, splits, ("train", "val")):
         w.close()
         rec["tokens"] = w.tokens
         manifest[split] = rec
     tokenizer.save(tmp)
+    manifest["tokenizer_encoder"] = "tiktoken" if tokenizer.fast is not None else "tokenizers"
+    o["timings"]["tokenize_write"] = time.perf_counter() - clock
 
 
 def _filter_config(args) -> FilterConfig | None:
@@ -402,8 +439,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-document token included")
     p.add_argument("--tokenizer", type=Path,
                    help="reuse the tokenizer of a dataset, checkpoint or Hugging Face tokenizer directory instead of training one")
-    p.add_argument("--tokenizer-sample-bytes", type=int, default=64 << 20,
-                   help="train the tokenizer on at most this many bytes of train documents (seeded random sample)")
+    p.add_argument("--tokenizer-sample-bytes", type=int, default=TOKENIZER_SAMPLE_BYTES,
+                   help="train the tokenizer on at most this many bytes of train documents: whole documents in "
+                        "seeded random order (default 4 MiB; more gives slightly fewer tokens per byte, slower)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the document split, mixing and tokenizer sample")
     p.add_argument("--include", action="append", metavar="GLOB",
@@ -465,13 +503,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     read = ReadOptions(tuple(args.include) if args.include else DEFAULT_INCLUDE, tuple(args.exclude),
                        args.text_field, args.skip_bad_lines)
+    timings: dict[str, float] = {}
     manifest = prepare(args.source, args.out, args.vocab_size, args.tokenizer, args.val_fraction, args.seed,
                        args.overwrite, read=read, clean_steps={s: False for s in args.no_clean},
                        filters=_filter_config(args), exact_dedup=not args.no_exact_dedup,
                        near_dup_threshold=args.near_dup_threshold or None,
                        split_group_threshold=args.split_group_threshold or None, num_perm=args.num_perm,
                        shingle=args.shingle, workers=args.workers, tokenizer_sample_bytes=args.tokenizer_sample_bytes,
-                       dry_run=args.dry_run, progress=sys.stderr.isatty() and not args.json)
+                       dry_run=args.dry_run, progress=sys.stderr.isatty() and not args.json, timings=timings)
     result = summary(manifest)
     if not args.dry_run:
         result["out"] = str(args.out)
@@ -483,4 +522,5 @@ def main(argv: list[str] | None = None) -> int:
         cli.log(table(manifest))
         cli.log(f"wrote {args.out}: train {manifest['train']['tokens']:,} tokens, val {manifest['val']['tokens']:,} "
                 f"tokens, vocab {manifest['vocab_size']}")
+    cli.log("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     return 0

@@ -1,11 +1,12 @@
-"""Token shards on disk (flat arrays of ids, documents separated by the end-of-document token) and batches from them."""
+"""Token shards on disk (flat arrays of ids, documents separated by the end-of-document token) and windows over them.
+
+No torch here: `prepare` imports this module and should start fast."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from leangpt.fsutil import read_json
 from leangpt.errors import UserError
@@ -32,21 +33,6 @@ class Dataset:
         if path.stat().st_size % self.dtype.itemsize:
             raise UserError(f"{path}: size is not a whole number of {self.dtype} tokens (corrupt?)")
         return np.memmap(path, dtype=self.dtype, mode="r")
-
-
-def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator,
-                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_size windows at random offsets: inputs (B, T) and next-token targets (B, T)."""
-    n = len(tokens) - block_size - 1
-    if n < 0:
-        raise UserError(f"split has {len(tokens)} tokens, fewer than one training window of {block_size + 1}")
-    starts = torch.randint(n + 1, (batch_size,), generator=gen).tolist()
-    windows = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])
-    w = torch.from_numpy(windows)
-    x, y = w[:, :-1], w[:, 1:]
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
 
 
 def sequential_windows(tokens: np.ndarray, block_size: int, batch_size: int, max_tokens: int | None = None):

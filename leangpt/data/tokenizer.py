@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -11,22 +12,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from leangpt.data.fastbpe import byte_decoder, fast_encoder
 from leangpt.errors import UserError
 
 EOT = "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (the byte-level alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 class TextTokenizer:
@@ -101,9 +90,22 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    @cached_property
+    def fast(self):
+        """The `tiktoken` equivalent of this tokenizer (see leangpt.data.fastbpe), or None."""
+        return fast_encoder(self.tk)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Ids of many texts, encoded in parallel; the fast variant skips offsets (about 2x faster)."""
-        return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
+        """Ids of many texts, encoded in parallel threads: by `tiktoken` where it is equivalent (about 3x faster),
+        else by `tokenizers`' fast variant (no offsets)."""
+        if self.fast is None:
+            return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
+        added = [t.content for t in self.tk.get_added_tokens_decoder().values()]
+        out = self.fast.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        for i, text in enumerate(texts):
+            if any(a in text for a in added):  # `tokenizers` splits written-out added tokens off first
+                out[i] = self.encode(text)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)
@@ -114,7 +116,7 @@ class TextTokenizer:
     @cached_property
     def token_bytes(self) -> np.ndarray:
         """UTF-8 byte length of every token id (0 for special tokens): bits per byte need it."""
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of = byte_decoder()
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         special = {t.content for t in self.tk.get_added_tokens_decoder().values()}
         for token, i in self.tk.get_vocab().items():

@@ -7,7 +7,7 @@ digits or non-ASCII characters in the lower-cased UTF-8 bytes (punctuation and w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,9 +52,16 @@ class Words:
     hashes: np.ndarray  # (W,) uint64, equal words have equal hashes
     chars: np.ndarray  # (W,) int64, characters per word
     alpha: np.ndarray  # (W,) bool, the word holds at least one letter
+    _ngrams: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.hashes)
+
+    def ngrams(self, n: int) -> np.ndarray:
+        """ngram_hashes(self.hashes, n), computed once: the filters and MinHash both use the 5-grams."""
+        if n not in self._ngrams:
+            self._ngrams[n] = ngram_hashes(self.hashes, n)
+        return self._ngrams[n]
 
 
 def words(text: str) -> Words:
