@@ -88,3 +88,17 @@ def test_hashes_are_stable_across_processes():
 
 
 EXPECTED_SIG = [478492858, 489537938, 646064254, 592099667]
+
+
+def test_exact_key_normalises_like_the_regex():
+    import hashlib
+    import re
+    for text in ["To be,\n  or NOT", " \u00a0a\u2003b\x1c c\t\r\n", "", "ÉTÉ  été"]:
+        ref = hashlib.blake2b(re.sub(r"\s+", " ", text.lower()).strip().encode("utf-8"), digest_size=16).digest()
+        assert exact_key(text) == ref
+
+
+def test_signature_ignores_repeated_shingles():
+    hasher = MinHasher(16, 2)
+    shingles = ngram_hashes(words("a b c a b c a b d").hashes, 2)
+    assert hasher.signature_of_shingles(shingles).tolist() == hasher.signature_of_shingles(np.unique(shingles)).tolist()

@@ -95,3 +95,30 @@ def test_cleaning_steps_are_counted_and_switchable():
     assert set(changed) == {"nfc", "control_chars", "whitespace"}
     assert changed["control_chars"] == 4  # BEL (1 byte) + BOM (3 bytes)
     assert "\x07" in clean(raw, {"control_chars": False})[0]
+
+
+FAST_PATH_TEXTS = ["a  \t\nb\r\nc\rd\n\n\n\ne \u00a0f\u3000g\x07\u200b\ufeff \t", "plain ascii\nno changes", "",
+                   "trailing tab\t", "\n\n\nlead and trail\n\n\n", "ünï\u2003cödé  \n  \n\n\n x", "a\x1b[0m b \x7f\x85"]
+
+
+@pytest.mark.parametrize("text", FAST_PATH_TEXTS)
+def test_whitespace_fast_paths_match_the_plain_regexes(text):
+    import re
+
+    from leangpt.data.clean import normalize_whitespace
+    ref = text.replace("\r\n", "\n").replace("\r", "\n")
+    ref = re.sub("[\u00a0\u2000-\u200a\u202f\u205f\u3000]", " ", ref)
+    ref = re.sub(r"[ \t]+$", "", ref, flags=re.MULTILINE)
+    ref = re.sub(r"\n{3,}", "\n\n", ref).strip("\n")
+    assert normalize_whitespace(text) == ref
+
+
+@pytest.mark.parametrize("text", FAST_PATH_TEXTS + ["x\nx\n y \ny\nz", text_of(200, 4).replace(" ", "\n")])
+def test_duplicate_lines_match_a_loop(text):
+    seen, total, dup = set(), 0, 0
+    for line in (s.strip() for s in text.split("\n")):
+        if line:
+            total += len(line)
+            dup += len(line) if line in seen else 0
+            seen.add(line)
+    assert duplicate_line_char_fraction(text) == pytest.approx(dup / total if total else 0.0)

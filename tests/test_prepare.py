@@ -211,3 +211,16 @@ def test_shakespeare_editions_are_found_and_kept_in_one_split():
     assert all(true.get(p, 0.0) >= 0.03 for p in related)  # nothing far below the threshold: no two plays merged
     val = set(m["val"]["names"])
     assert val and all((a in val) == (b in val) for a, b in related)
+
+
+def test_prepare_imports_no_torch():
+    import subprocess
+    import sys
+    code = "import sys, leangpt.data.prepare, leangpt.__main__; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tokenizer_sample_is_bounded_and_recorded(tmp_path, corpus_dir):
+    m = prepare([str(corpus_dir)], tmp_path / "s", vocab_size=300, val_fraction=0.2, tokenizer_sample_bytes=1000)
+    assert m["tokenizer_sample_bytes"] == 1000 and m["tokenizer_sample"]["bytes"] <= 1000
+    assert m["tokenizer_sample"]["documents"] >= 1 and m["tokenizer_encoder"] == "tiktoken"

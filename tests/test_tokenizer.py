@@ -62,3 +62,34 @@ def test_transformers_gpt2_directory_loads_with_same_logits(tmp_path, tiny_check
     x = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=0)
+
+
+def varied_texts(n: int = 400, seed: int = 0) -> list[str]:
+    import random
+    rng = random.Random(seed)
+    chars = [chr(c) for c in [*range(32, 127)] * 6 + [*range(0xA0, 0x500), *range(0x2000, 0x2070), *range(0x4E00, 0x4E80),
+                                                     *range(0x1F600, 0x1F640), 9, 10, 13, 0x300, 0x301]]
+    words = ["the", " king", "'s", "'ll", " 2024", "...", "  ", "\n\n", "naïve", "東京", "🙂", "<|endoftext|>"]
+    return [" ".join(rng.choices(words, k=rng.randint(0, 30))) + "".join(rng.choices(chars, k=rng.randint(0, 200)))
+            for _ in range(n)] + SAMPLES
+
+
+def test_fast_encoder_gives_the_same_ids_as_tokenizers(tmp_path):
+    texts = varied_texts()
+    tk = TextTokenizer.train(texts[:200] * 3, 700)
+    assert tk.fast is not None
+    assert tk.encode_batch(texts) == [tk.encode(t) for t in texts]
+    # A GPT-2 style directory (vocab.json, whose entries include <|endoftext|>, plus merges.txt) qualifies too.
+    tk.tk.model.save(str(tmp_path))
+    gpt2 = TextTokenizer.load(tmp_path)
+    assert gpt2.fast is not None
+    assert gpt2.encode_batch(texts) == [gpt2.encode(t) for t in texts]
+
+
+def test_encoders_other_than_plain_byte_level_bpe_use_tokenizers():
+    from tokenizers import normalizers
+    tk = trained()
+    tk.tk.normalizer = normalizers.Lowercase()
+    tk = TextTokenizer(tk.tk)
+    assert tk.fast is None
+    assert tk.encode_batch(SAMPLES) == [tk.encode(t) for t in SAMPLES]

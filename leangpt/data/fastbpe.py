@@ -3,7 +3,7 @@
 `tiktoken` encodes the same byte-level BPE about 3x faster than `tokenizers` (bench/bench_prepare.py measures both),
 which makes it the tokenization stage of `prepare`. It applies the merge of lowest rank among adjacent pieces, with a
 token's id as its rank, so it reproduces `tokenizers` when the model is plain byte-level BPE: GPT-2's split regex on
-unnormalised text, every multi-byte token the result of exactly one merge, and token ids rising with merge order.
+unnormalised text, all 256 bytes in the vocabulary, and token ids rising with merge order.
 `fast_encoder` checks exactly that and returns None otherwise (callers then use `tokenizers`); tests compare both
 encoders on varied text. Added tokens (e.g. <|endoftext|>) written out inside a text are split out by `tokenizers`
 and not by `tiktoken`, so `TextTokenizer.encode_batch` sends such texts to `tokenizers`.
@@ -54,18 +54,14 @@ def fast_encoder(tk: Tokenizer):
     added = {t["content"] for t in spec.get("added_tokens", [])}
     byte_of = byte_decoder()
     vocab = spec["model"]["vocab"]
-    ranks: dict[bytes, int] = {}
-    for token, i in vocab.items():
-        if token in added:
-            continue
-        if not all(c in byte_of for c in token):
-            return None
-        ranks[bytes(byte_of[c] for c in token)] = i
-    # Merge order must be id order (tiktoken's rank is the id), and every multi-byte token a merge's result.
+    # tiktoken's rank is the id: merge order must be id order. Single bytes are never merged into, so their ids
+    # need no order; vocabulary entries that no merge produces (e.g. a special token listed in vocab.json) are
+    # unreachable by BPE, so they are left out.
     merged = [m.replace(" ", "", 1) if isinstance(m, str) else "".join(m) for m in spec["model"]["merges"]]
     ids = [vocab.get(t) for t in merged]
-    if (len(ranks) < 256 or any(bytes([b]) not in ranks for b in range(256))
-            or set(merged) != {t for t in vocab if len(t) > 1 and t not in added} or len(set(merged)) != len(merged)
-            or any(a is None or b is None or a >= b for a, b in zip(ids, ids[1:]))):
+    singles = {t: i for t, i in vocab.items() if len(t) == 1 and t in byte_of and t not in added}
+    if (len(singles) != 256 or any(i is None for i in ids) or any(a >= b for a, b in zip(ids, ids[1:]))
+            or not all(c in byte_of for t in merged for c in t)):
         return None
+    ranks = {bytes(byte_of[c] for c in t): i for t, i in [*singles.items(), *zip(merged, ids)]}
     return tiktoken.Encoding("leangpt-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})

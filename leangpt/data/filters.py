@@ -85,8 +85,13 @@ def top_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
 def duplicate_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
     if len(w) < n:
         return 0.0
-    _, inverse, counts = np.unique(w.ngrams(n), return_inverse=True, return_counts=True)
-    return _covered_fraction(w, counts[inverse] > 1, n, total_chars)
+    grams = w.ngrams(n)
+    order = np.argsort(grams)
+    equal_next = grams[order[1:]] == grams[order[:-1]]  # neighbours in sorted order share a value
+    repeated = np.zeros(len(grams), dtype=bool)
+    repeated[order[1:][equal_next]] = True
+    repeated[order[:-1][equal_next]] = True
+    return _covered_fraction(w, repeated, n, total_chars)
 
 
 def failing_filter(text: str, w: Words, cfg: FilterConfig) -> str | None:

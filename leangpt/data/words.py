@@ -72,14 +72,22 @@ def words(text: str) -> Words:
     starts, ends = edges[0::2], edges[1::2]  # word i is data[starts[i]:ends[i]]
     if len(starts) == 0:
         return Words(np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, bool))
-    pw, inv = _powers(len(data) + 1)
+    n = len(data)
+    pw, inv = _powers(n + 1)
     with np.errstate(over="ignore"):
         # prefix[i] = sum_{j<i} data[j] * BASE**j; a word's hash is its slice of the sum shifted back to position 0.
-        prefix = np.concatenate([[np.uint64(0)], np.cumsum(data.astype(np.uint64) * pw[:-1], dtype=np.uint64)])
+        prefix = np.empty(n + 1, dtype=np.uint64)
+        prefix[0] = 0
+        np.cumsum(data * pw[:n], out=prefix[1:])
         hashes = mix64((prefix[ends] - prefix[starts]) * inv[starts])
-    char_cum = np.concatenate([[0], np.cumsum(_CHAR_START[data])])
-    alpha_cum = np.concatenate([[0], np.cumsum(_ALPHA_BYTE[data])])
-    return Words(hashes, char_cum[ends] - char_cum[starts], (alpha_cum[ends] - alpha_cum[starts]) > 0)
+    if text.isascii():  # one byte per character
+        chars = ends - starts
+    else:
+        char_cum = np.concatenate([[0], np.cumsum(_CHAR_START[data])])
+        chars = char_cum[ends] - char_cum[starts]
+    alpha_cum = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(_ALPHA_BYTE[data], dtype=np.int32, out=alpha_cum[1:])
+    return Words(hashes, chars.astype(np.int64, copy=False), (alpha_cum[ends] - alpha_cum[starts]) > 0)
 
 
 def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
