@@ -1,7 +1,9 @@
-"""Benchmark `leangpt prepare`: end-to-end throughput, tokenization alone, MinHash (ours vs datasketch), and peak
-RSS on a generated corpus of >= 1 GB (written under /tmp and deleted afterwards).
+"""Benchmark `leangpt prepare`: end-to-end throughput (embedded corpus and generated corpora of --mid-mb and --big-gb,
+written under /tmp and deleted afterwards) with per-stage seconds, CPU seconds and peak RSS; tokenization alone
+(tiktoken, what `prepare` uses, vs `tokenizers`); MinHash (ours vs datasketch); the tokenizer sample size's cost and
+its effect on bytes per token.
 
-    flock /tmp/leangpt-bench.lock python bench/bench_prepare.py --json bench/prepare.json [--big-gb 1.0]
+    flock /tmp/leangpt-bench.lock python bench/bench_prepare.py --json bench/prepare.json [--mid-mb 100] [--big-gb 1.0]
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -37,16 +38,44 @@ def timed(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def run_prepare(args: list[str]) -> tuple[float, int, dict]:
-    """Wall seconds, peak RSS (KiB) of the child process tree, and the --json summary."""
+# A small launcher measures the child: a child forked straight from this (large) process would count this
+# process's resident pages in its own peak RSS until its exec.
+LAUNCH = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "leangpt", *sys.argv[1:]])
+_, status, ru = os.wait4(pid, 0)
+print(f"rusage: {ru.ru_maxrss} {ru.ru_utime + ru.ru_stime}", file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_prepare(args: list[str]) -> dict:
+    """One `leangpt prepare` process: wall seconds, CPU seconds and peak RSS (largest process of its tree), the
+    per-stage seconds it logs, and its --json summary."""
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "leangpt", "prepare", *args, "--json", "--overwrite"],
+    proc = subprocess.run([sys.executable, "-c", LAUNCH, "prepare", *args, "--json", "--overwrite"],
                           capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode:
         raise SystemExit(proc.stderr)
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest single child (the main process)
-    return wall, rss, json.loads(proc.stdout)
+    stages, rss_kib, cpu = {}, 0, 0.0
+    for line in proc.stderr.splitlines():
+        if line.startswith("seconds: "):
+            stages = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in line[9:].split(", "))}
+        elif line.startswith("rusage: "):
+            rss_kib, cpu = int(line.split()[1]), float(line.split()[2])
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss_kib / 1024, "stages": stages,
+            "summary": json.loads(proc.stdout)}
+
+
+def report(name: str, mb: float, r: dict) -> dict:
+    row = {"mb": mb, "seconds": r["seconds"], "mb_per_s": mb / r["seconds"], "cpu_seconds": r["cpu_seconds"],
+           "peak_rss_mb": r["peak_rss_mb"], "stages": r["stages"], "loadavg_after": os.getloadavg()[0]}
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+    print(f"{name} ({mb:,.1f} MB): {r['seconds']:.2f} s = {mb / r['seconds']:.2f} MB/s, {r['cpu_seconds']:.1f} CPU s, "
+          f"peak RSS {r['peak_rss_mb']:,.0f} MB; stages (s): {stages}; load {os.getloadavg()[0]:.2f}", flush=True)
+    return row
 
 
 def write_big_corpus(directory: Path, target_bytes: int, seed: int = 0) -> int:
@@ -84,33 +113,39 @@ def write_big_corpus(directory: Path, target_bytes: int, seed: int = 0) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--mid-mb", type=float, default=100, help="size of the first generated corpus (0 skips)")
     ap.add_argument("--big-gb", type=float, default=1.0, help="size of the generated corpus for peak RSS (0 skips)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--sample-sweep", action="store_true", help="also time BPE training on 1-8 MiB samples")
     args = ap.parse_args()
-    res: dict = {"cpus": os.cpu_count(), "workers": args.workers}
+    res: dict = {"cpus": os.cpu_count(), "workers": args.workers, "loadavg_start": os.getloadavg()}
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="leangpt-bench-prepare-"))
+    w = ["--workers", str(args.workers)]
     try:
         # 1. End-to-end on the embedded corpus (clean + filter + dedup + tokenizer training + tokenize + write).
         mb = sum(p.stat().st_size for _, p in source_files("shakespeare")) / 1e6
-        wall, _, summ = run_prepare(["--source", "shakespeare", "--out", str(tmp / "shk"), "--workers", str(args.workers)])
-        res["shakespeare"] = {"mb": mb, "seconds": wall, "mb_per_s": mb / wall}
+        r = run_prepare(["--source", "shakespeare", "--out", str(tmp / "shk"), *w])
+        res["shakespeare"] = report("prepare shakespeare", mb, r)
         tok_path = tmp / "shk"
-        wall2, _, _ = run_prepare(["--source", "shakespeare", "--out", str(tmp / "shk2"), "--workers", str(args.workers),
-                                   "--tokenizer", str(tok_path)])
-        res["shakespeare_reused_tokenizer"] = {"seconds": wall2, "mb_per_s": mb / wall2}
-        print(f"prepare shakespeare ({mb:.1f} MB): {wall:.1f} s = {mb / wall:.2f} MB/s; with a reused tokenizer "
-              f"{wall2:.1f} s = {mb / wall2:.2f} MB/s", flush=True)
+        r = run_prepare(["--source", "shakespeare", "--out", str(tmp / "shk2"), *w, "--tokenizer", str(tok_path)])
+        res["shakespeare_reused_tokenizer"] = report("prepare shakespeare --tokenizer (reused)", mb, r)
 
-        # 2. Tokenization alone (the trained tokenizer, all cores through `tokenizers`).
+        # 2. Tokenization alone (the trained tokenizer): tiktoken as `prepare` runs it, `tokenizers` as before.
         tk = TextTokenizer.load(tok_path)
         texts = [clean(p.read_text(errors="replace"), {})[0] for _, p in source_files("shakespeare")]
-        n_tokens = sum(len(x) for x in tk.encode_batch(texts))
-        t_fast = timed(lambda: tk.encode_batch(texts))
+        ids = tk.encode_batch(texts)
+        n_tokens = sum(len(x) for x in ids)
+        t_tt = timed(lambda: tk.encode_batch(texts))
+        t_fast = timed(lambda: tk.tk.encode_batch_fast(texts, add_special_tokens=False))
         t_slow = timed(lambda: tk.tk.encode_batch(texts, add_special_tokens=False))
-        res["tokenize"] = {"tokens": n_tokens, "tokens_per_s": n_tokens / t_fast,
-                           "encode_batch_with_offsets_tokens_per_s": n_tokens / t_slow}
-        print(f"tokenize: {n_tokens / t_fast:,.0f} tokens/s (encode_batch_fast); {n_tokens / t_slow:,.0f} tokens/s "
-              f"(encode_batch with offsets); ratio {t_slow / t_fast:.2f}x", flush=True)
+        same = ids == [e.ids for e in tk.tk.encode_batch_fast(texts, add_special_tokens=False)]
+        res["tokenize"] = {"tokens": n_tokens, "tiktoken_tokens_per_s": n_tokens / t_tt,
+                           "tokenizers_fast_tokens_per_s": n_tokens / t_fast,
+                           "tokenizers_with_offsets_tokens_per_s": n_tokens / t_slow, "identical_ids": same}
+        print(f"tokenize ({n_tokens:,} tokens, {args.workers} threads): tiktoken {n_tokens / t_tt:,.0f} tokens/s; "
+              f"tokenizers encode_batch_fast {n_tokens / t_fast:,.0f} ({t_fast / t_tt:.2f}x slower), with offsets "
+              f"{n_tokens / t_slow:,.0f}; identical ids: {same}", flush=True)
 
         # 3. MinHash signatures: ours (NumPy) vs datasketch on the same 5-word shingles, 128 permutations.
         from datasketch import MinHash
@@ -135,23 +170,45 @@ def main() -> int:
               f"({len(chunks) / (t_ours + t_words):,.0f} with word hashing), datasketch {len(chunks) / t_ds:,.0f} docs/s "
               f"(shingles already hashed); ours is {t_ds / t_ours:.1f}x faster", flush=True)
 
-        # 4. Peak RSS and throughput on a generated corpus of >= 1 GB.
-        if args.big_gb > 0:
-            big = tmp / "big"
-            nbytes = write_big_corpus(big, int(args.big_gb * 1e9))
-            wall, rss_kib, summ = run_prepare(["--source", str(big), "--out", str(tmp / "big_out"),
-                                               "--workers", str(args.workers)])
-            shutil.rmtree(big)
-            res["big"] = {"bytes": nbytes, "seconds": wall, "mb_per_s": nbytes / 1e6 / wall,
-                          "peak_rss_mb": rss_kib / 1024, "documents_read": summ["documents_read"],
-                          "documents_kept": summ["documents_kept"], "removed": summ["removed"],
-                          "train_tokens": summ["train"]["tokens"]}
-            print(f"big corpus {nbytes / 1e9:.2f} GB: {wall:.0f} s = {nbytes / 1e6 / wall:.2f} MB/s, peak RSS "
-                  f"{rss_kib / 1024:,.0f} MB (main process), docs read {summ['documents_read']:,}, kept "
-                  f"{summ['documents_kept']:,} (exact dups {summ['removed']['exact_dedup']['documents']:,}, near dups "
+        # 4. Tokenizer sample size: BPE training time and bytes per token on held-out plays.
+        if args.sample_sweep:
+            val, train = texts[::10], [t for i, t in enumerate(texts) if i % 10]
+            val_bytes = sum(len(t.encode("utf-8")) for t in val)
+            res["tokenizer_sample"] = []
+            for mib in (1, 2, 4, 8):
+                budget, sample = mib << 20, []
+                for t in train:
+                    if budget <= 0:
+                        break
+                    sample.append(t.encode("utf-8")[:budget].decode("utf-8", errors="ignore"))
+                    budget -= len(t.encode("utf-8"))
+                t0 = time.perf_counter()
+                bpe = TextTokenizer.train(sample, 8192)
+                dt = time.perf_counter() - t0
+                bpt = val_bytes / sum(len(x) for x in bpe.encode_batch(val))
+                res["tokenizer_sample"].append({"mib": mib, "train_seconds": dt, "val_bytes_per_token": bpt})
+                print(f"tokenizer sample {mib} MiB: BPE training {dt:.2f} s, held-out bytes/token {bpt:.3f}", flush=True)
+
+        # 5. Generated corpora: the steady-state rate, and peak RSS at >= 1 GB.
+        for key, nbytes_target in (("mid", args.mid_mb * 1e6), ("big", args.big_gb * 1e9)):
+            if nbytes_target <= 0:
+                continue
+            corpus = tmp / key
+            nbytes = write_big_corpus(corpus, int(nbytes_target))
+            r = run_prepare(["--source", str(corpus), "--out", str(tmp / f"{key}_out"), *w])
+            shutil.rmtree(corpus)
+            shutil.rmtree(tmp / f"{key}_out")
+            summ = r["summary"]
+            res[key] = report(f"generated corpus {nbytes / 1e9:.2f} GB", nbytes / 1e6, r)
+            res[key].update(documents_read=summ["documents_read"], documents_kept=summ["documents_kept"],
+                            removed=summ["removed"], train_tokens=summ["train"]["tokens"])
+            print(f"  docs read {summ['documents_read']:,}, kept {summ['documents_kept']:,} (exact dups "
+                  f"{summ['removed']['exact_dedup']['documents']:,}, near dups "
                   f"{summ['removed']['near_dedup']['documents']:,})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    res["loadavg_end"] = os.getloadavg()
+    print(f"load average at end: {os.getloadavg()}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0
