@@ -122,16 +122,18 @@ def near_duplicates(signatures: np.ndarray, threshold: float) -> NearDupResult:
         with np.errstate(over="ignore"):
             for r in range(1, rows):
                 key = mix64(key * np.uint64(0x9E3779B97F4A7C15) + cols[:, r])
+        # Buckets of equal keys, all at once: a stable sort puts each bucket's members in index order, so its head
+        # (the earliest document) comes first and every other member is a candidate against it.
         order = np.argsort(key, kind="stable")
         sorted_key = key[order]
-        run_start = np.flatnonzero(np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]]))
-        run_len = np.diff(np.concatenate([run_start, [n]]))
-        for s, length in zip(run_start[run_len > 1], run_len[run_len > 1]):
-            members = np.sort(order[s:s + length])
-            head = members[0]
-            agree = (signatures[members[1:]] == signatures[head]).mean(axis=1)  # estimated Jaccard vs the head
-            for j, est in zip(members[1:], agree):
-                if est >= threshold:
-                    pairs[(int(head), int(j))] = float(est)
-                    uf.union(int(head), int(j))
+        new_run = np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]])
+        heads = order[np.flatnonzero(new_run)][np.cumsum(new_run) - 1]
+        cand_j, cand_h = order[~new_run], heads[~new_run]
+        for c in range(0, len(cand_j), 1 << 16):  # bound the (C, num_perm) comparison to a few MB
+            j, h = cand_j[c:c + (1 << 16)], cand_h[c:c + (1 << 16)]
+            agree = (signatures[j] == signatures[h]).mean(axis=1)  # estimated Jaccard vs the head
+            for hi, ji, est in zip(h[agree >= threshold].tolist(), j[agree >= threshold].tolist(),
+                                   agree[agree >= threshold].tolist()):
+                pairs[(hi, ji)] = est
+                uf.union(hi, ji)
     return NearDupResult(uf.groups(), [(i, j, e) for (i, j), e in sorted(pairs.items())], bands, rows)
