@@ -54,6 +54,44 @@ def test_every_kernel_equals_dequantize_then_matmul(scheme, shape):
     assert relative_error(qw.dequantize(), w) < (0.12 if scheme.bits == 4 else 0.01)
 
 
+@pytest.mark.parametrize("shape,group", [((96, 128), 64), ((40, 100), 64), ((64, 7), 48), ((24, 200), 32)],
+                         ids=lambda v: str(v))
+def test_inductor_int4_kernel_one_row_and_many(shape, group):
+    """The fused 4-bit kernel (one row: decode at batch 1) and its many-row route equal dequantize-then-matmul,
+    also where in_features is not a multiple of the group size (100, 7, 200) or odd (7)."""
+    if "inductor" not in candidates(Scheme(4, group), CPU, *shape):
+        pytest.skip("no inductor kernel on this device")
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(1)
+    qw = quantize_rtn(torch.randn(out_f, in_f, generator=gen), Scheme(4, group))
+    bias = torch.randn(out_f, generator=gen)
+    module = KERNELS["inductor"](qw, bias, CPU)
+    for rows in [(1, in_f), (1, 1, in_f), (3, 1, in_f), (2, 9, in_f)]:
+        x = torch.randn(*rows, generator=gen)
+        y = module(x)
+        assert module.kernel == "inductor"  # compiled, not fallen back
+        assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE["inductor"], rows
+    assert module(torch.randn(1, in_f, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_inductor_kernel_falls_back_when_it_cannot_compile(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", no_compiler)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    qw = quantize_rtn(torch.randn(16, 40), Scheme(4, 32))
+    module = KERNELS["inductor"](qw, None, CPU)
+    x = torch.randn(1, 40)
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        y = module(x)
+    assert module.kernel == "reference" and relative_error(y, F.linear(x, qw.dequantize())) <= 1e-5
+    timings = kernels.benchmark_kernels(Scheme(4, 32), 16, 40, CPU)
+    assert timings["inductor"] is None and timings["reference"] is not None
+
+
 def test_int4_packing_round_trip_and_format():
     q = torch.randint(0, 16, (5, 9))
     packed = pack_int4(q)
@@ -193,7 +231,7 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
     prompt = [1, 2, 3, 4]
     greedy = SamplingConfig(temperature=0)
     ref_text = list(generate_ids(twin, prompt, 24, greedy))
-    weight_only = {"reference", "int8pack", "int4pack"}  # float activations: same greedy text
+    weight_only = {"reference", "int8pack", "int4pack", "inductor"}  # float activations: same greedy text
     scheme = Scheme(8) if which == "int8" else Scheme(4, 32)
     vocab = twin.config.vocab_size  # a quantized head's shape may rule kernels out
     for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):

@@ -174,12 +174,110 @@ class FbgemmGroupsLinear(QuantLinear):
         return y.to(x.dtype)
 
 
+class CompileError(RuntimeError):
+    """A kernel that needs compiling could not be built here (no C++ compiler, an inductor error, ...)."""
+
+
+_COMPILED: dict[tuple, object] = {}  # one compiled kernel per (function, argument shapes), shared by layers
+
+
+def _inductor_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ for one row x (1, in_pad), W (out, in_pad) held as packed (in_pad/2, out) uint8, byte [r, o]
+    holding columns 2r (low nibble) and 2r+1 (high) of row o; scales and scales·zeros (G, out).
+    (q - z)·s = q·s - z·s, reduced over the input columns with the output columns as the vector lanes."""
+    half, out = packed.shape
+    G = scales.shape[0]
+    p = packed.view(G, half // G, out)  # (G, g/2, out)
+    s, sz = scales[:, None, :], szeros[:, None, :]
+    w_even = (p & 15).float() * s - sz  # columns 2r
+    w_odd = (p >> 4).float() * s - sz  # columns 2r + 1
+    x_even = x[0, 0::2].view(G, half // G, 1)
+    x_odd = x[0, 1::2].view(G, half // G, 1)
+    return (w_even * x_even + w_odd * x_odd).sum((0, 1))[None]  # (1, out)
+
+
+def _inductor_dequant(packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
+    """The same weight as a float (in_pad, out) matrix, for inputs of many rows (prefill, batches)."""
+    half, out = packed.shape
+    G = scales.shape[0]
+    p = packed.view(G, half // G, 1, out)
+    q = torch.cat((p & 15, p >> 4), 2).float()  # (G, g/2, 2, out)
+    return (q * scales[:, None, None, :] - szeros[:, None, None, :]).view(2 * half, out)
+
+
+def _compiled(fn, *args: torch.Tensor):
+    """fn traced on these argument shapes and compiled by inductor (its C++ CPU codegen), called without
+    torch.compile's per-call guards (~20 µs a call here, more than a small layer's whole matmul)."""
+    key = (fn.__name__, *((tuple(a.shape), a.stride(), a.dtype) for a in args))
+    if key not in _COMPILED:
+        _COMPILED[key] = None  # a failure is remembered too: each layer of this shape would fail alike
+        try:
+            from torch._inductor.compile_fx import compile_fx
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            with torch.no_grad():
+                graph = make_fx(fn)(*args)
+                compiled = compile_fx(graph, list(args))
+                compiled(*args)  # builds the C++ kernel now, not at the first real call
+        except Exception as e:  # any failure to trace, generate or build C++ means: not on this machine
+            raise CompileError(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+        _COMPILED[key] = compiled
+    if _COMPILED[key] is None:
+        raise CompileError(f"{fn.__name__} failed to compile earlier in this process")
+    return _COMPILED[key]
+
+
+class InductorLinear(QuantLinear):
+    """int4 groups computed from the packed nibbles by a fused dequantize-and-reduce kernel that torch.compile's
+    inductor generates as vectorised C++ (weights stay 4-bit in memory: 8x fewer bytes than fp32), for one row
+    of activations (decode at batch 1); more rows dequantize the layer once by a compiled kernel, then matmul.
+    Float activations and float accumulation, so it equals dequantize-then-matmul up to float rounding. A
+    shorter last group (in_features not a multiple of the group size) is padded with zero columns here."""
+
+    kernel = "inductor"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        g = qw.scheme.group_size
+        G = -(-qw.in_features // g)
+        self.in_pad = G * g
+        q = F.pad(qw.int_weight(), (0, self.in_pad - qw.in_features))  # (out, in_pad) uint8
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).t().contiguous()  # (in_pad/2, out)
+        self.register_buffer("packed", packed.to(device), persistent=False)
+        self.register_buffer("qscales", qw.scales.t().contiguous().to(device), persistent=False)  # (G, out)
+        szeros = (qw.scales * qw.zeros.float()).t().contiguous()
+        self.register_buffer("szeros", szeros.to(device), persistent=False)
+        self._gemv = self._dequant = None  # compiled at first use (once per shape in a process)
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return scheme.bits == 4 and device.type == "cpu"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xf = F.pad(x.float(), (0, self.in_pad - x.shape[1])).contiguous()  # (N, in_pad)
+        w = (self.packed, self.qscales, self.szeros)
+        if self.kernel == "inductor":
+            try:
+                if xf.shape[0] == 1:
+                    if self._gemv is None:
+                        self._gemv = _compiled(_inductor_gemv, xf, *w)
+                    return self._gemv(xf, *w).to(x.dtype)
+                if self._dequant is None:
+                    self._dequant = _compiled(_inductor_dequant, *w)
+                return (xf @ self._dequant(*w)).to(x.dtype)
+            except CompileError as e:
+                warnings.warn(f"quantized kernel 'inductor' could not be compiled here, so this layer takes the "
+                              f"reference route (dequantize per call, then matmul): {e}")
+                self.kernel = "reference"
+        return (xf @ _inductor_dequant(*w)).to(x.dtype)  # eager: the same computation, uncompiled
+
 KERNELS: dict[str, type[QuantLinear]] = {k.kernel: k for k in (
-    ReferenceLinear, FbgemmLinear, FbgemmGroupsLinear, Int8PackLinear, Int4PackCPULinear)}
+    ReferenceLinear, FbgemmLinear, FbgemmGroupsLinear, Int8PackLinear, Int4PackCPULinear, InductorLinear)}
 
 # Relative output error a kernel may show against `reference` and still count as correct: float
 # rounding for weight-only kernels, 7-bit dynamic activation quantization for FBGEMM (~1 %).
-TOLERANCE = {"reference": 1e-5, "int8pack": 1e-3, "int4pack": 1e-3, "fbgemm": 0.05, "fbgemm-groups": 0.05}
+TOLERANCE = {"reference": 1e-5, "int8pack": 1e-3, "int4pack": 1e-3, "inductor": 1e-5, "fbgemm": 0.05,
+             "fbgemm-groups": 0.05}
 
 
 def candidates(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> list[str]:
@@ -238,7 +336,8 @@ def benchmark_kernels(scheme: Scheme, out_features: int, in_features: int, devic
     for name in candidates(scheme, device, out_features, in_features):
         try:
             module = KERNELS[name](qw, None, device)
-            ok = relative_error(module(x), ref) <= TOLERANCE[name]
+            # A kernel that could not compile here computes by a fallback and says so by its name.
+            ok = relative_error(module(x), ref) <= TOLERANCE[name] and module.kernel == name
         except (RuntimeError, NotImplementedError):
             ok = False  # e.g. a kernel this build or device lacks
         result[name] = _time_call(lambda: module(x), device) if ok else None
@@ -274,3 +373,9 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
             pass  # a read-only home only costs re-measuring next time
     timings = {k: v for k, v in cache[key].items() if v is not None and k in names}
     return min(timings, key=timings.get) if timings else "reference"
+
+
+def build_linear(qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device,
+                 forced: str | None = None) -> QuantLinear:
+    """The quantized module for one layer, on the kernel chosen for its shape on this device."""
+    return KERNELS[choose_kernel(qw.scheme, qw.out_features, qw.in_features, device, forced)](qw, bias, device)

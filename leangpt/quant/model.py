@@ -25,7 +25,7 @@ from leangpt.errors import UserError
 from leangpt.model import GPT
 from leangpt.quant.formats import QuantizedWeight, Scheme, quantize_rtn
 from leangpt.quant.gptq import gptq_quantize
-from leangpt.quant.kernels import KERNELS, choose_kernel
+from leangpt.quant.kernels import build_linear
 
 FORMAT_VERSION = 1
 QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
@@ -115,10 +115,9 @@ def swap_linears(model: GPT, qweights: dict[str, QuantizedWeight], device: torch
     for name, qw in qweights.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        k = choose_kernel(qw.scheme, qw.out_features, qw.in_features, device, kernel)
-        setattr(parent, child, KERNELS[k](qw, old.bias, device))
-        chosen[name] = k
+        module = build_linear(qw, getattr(parent, child).bias, device, kernel)
+        setattr(parent, child, module)
+        chosen[name] = module.kernel
     return chosen
 
 
@@ -144,8 +143,7 @@ def swap_embedding(model: GPT, qw: QuantizedWeight, device: torch.device, kernel
     """Replace the token embedding (and a tied head, which reads the same table) with quantized modules."""
     model.tok_emb = QuantEmbedding(qw, device)
     if model.config.tie_embeddings:
-        k = choose_kernel(qw.scheme, qw.out_features, qw.in_features, device, kernel)
-        model.lm_head = KERNELS[k](qw, None, device)
+        model.lm_head = build_linear(qw, None, device, kernel)
 
 
 def load_quantized(directory: Path, config: ModelConfig, quant: dict[str, Any], tensors: dict[str, torch.Tensor],
