@@ -88,7 +88,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+                input_pos: torch.Tensor | None, mask: torch.Tensor | None, kv_len: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -100,6 +100,8 @@ class Attention(nn.Module):
         if input_pos is not None:
             assert self.kv_cache is not None, "call model.setup_cache() before decoding with input_pos"
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_len, D)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # only the slots written so far: less to read
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -138,8 +140,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config, layer)
 
-    def forward(self, x, rope, input_pos, mask):
-        x = x + self.attn(self.norm1(x), rope, input_pos, mask)
+    def forward(self, x, rope, input_pos, mask, kv_len=None):
+        x = x + self.attn(self.norm1(x), rope, input_pos, mask, kv_len)
         return x + self.mlp(self.norm2(x))
 
 
@@ -200,12 +202,15 @@ class GPT(nn.Module):
             a.kv_cache = KVCache(batch, max_len, a.n_kv_head, a.head_dim, dtype, param.device)
         self.cache_len = max_len
 
-    def forward_hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                       kv_len: int | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, C).
 
         With input_pos, reads and writes the KV cache: (T,) positions shared by every row, or (B, T) positions
         per row, so that right-padded prompts of different lengths decode in one batch (each row's position
         is its cache slot; a slot past a row's prompt is overwritten by its own decode before it is attended).
+        kv_len, when the caller knows that every position is below it, attends to the first kv_len slots
+        only instead of the whole cache (same result, less to read; a new length is a new shape when compiled).
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -223,14 +228,16 @@ class GPT(nn.Module):
         mask = None
         if input_pos is not None:
             # Query at position p sees cache slots 0..p.
-            key_pos = torch.arange(self.cache_len, device=idx.device)
+            kv_len = min(kv_len or self.cache_len, self.cache_len)
+            key_pos = torch.arange(kv_len, device=idx.device)
             mask = key_pos <= input_pos[..., None]  # (T, max_len), or (B, T, max_len) per row
             if mask.dim() == 3:
                 mask = mask.unsqueeze(1)  # (B, 1, T, max_len)
         for block in self.blocks:
-            x = block(x, rope, input_pos, mask)
+            x = block(x, rope, input_pos, mask, kv_len)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab)."""
-        return self.lm_head(self.forward_hidden(idx, input_pos))
+        return self.lm_head(self.forward_hidden(idx, input_pos, kv_len))

@@ -10,7 +10,8 @@ import torch.nn as nn
 import transformers.generation.logits_process as hf_lp
 
 from leangpt.config import ModelConfig
-from leangpt.engine import Engine, Request, use_decode_layout
+from leangpt.cpu_linear import DecodeLinear, use_decode_linears
+from leangpt.engine import Engine, Request
 from leangpt.errors import UserError
 from leangpt.model import GPT
 from leangpt.sampling import Sampler, SamplingConfig
@@ -238,12 +239,26 @@ def test_draws_follow_the_distribution():
     assert not math.isclose(counts[0].item() / n, 1 / V, abs_tol=0.05)
 
 
-def test_decode_layout_changes_memory_order_only():
+def test_decode_linears_change_kernels_only():
     model, ref = tiny(), tiny()
-    use_decode_layout(model)
+    use_decode_linears(model)
+    assert isinstance(model.lm_head, DecodeLinear) and isinstance(model.blocks[0].mlp.fc, DecodeLinear)
     assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight is model.tok_emb.weight
+    assert model.state_dict().keys() == ref.state_dict().keys()
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)
-    x = torch.randint(0, 300, (2, 9))
+    for rows in (1, 9):  # one row: MKL on the re-laid weight; several: oneDNN's packed weight
+        x = torch.randint(0, 300, (1, rows))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)  # with autograd: the plain weight
+
+
+def test_decode_linear_repacks_after_the_weight_changes():
+    layer = nn.Linear(16, 24)
+    fast = DecodeLinear.wrap(layer)
+    x = torch.randn(3, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
+        fast(x)
+        layer.weight.mul_(2)  # e.g. a training step between two generations
+        torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=0)

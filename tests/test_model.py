@@ -68,7 +68,8 @@ def test_kv_cache_decode_equals_full_forward(options):
         model.setup_cache(2, 32)
         steps = [model(x[:, :7], torch.arange(7))]
         for t in range(7, 24):
-            steps.append(model(x[:, t:t + 1], torch.tensor([t])))
+            # Odd steps attend to just the slots written so far (kv_len), even ones to the whole cache.
+            steps.append(model(x[:, t:t + 1], torch.tensor([t]), t + 1 if t % 2 else None))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
