@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("leangpt.distill", "train a smaller student from a teacher (soft targets, layer-initialised)"),
     "quantize": ("leangpt.quantize", "int8 / int4 weight quantization, round-to-nearest or GPTQ"),
     "prune": ("leangpt.prune", "unstructured, N:M and structured (smaller dense model) pruning"),
+    "serve": ("leangpt.serve", "OpenAI-compatible HTTP server (completions, chat, streaming, batched requests)"),
 }
 
 
