@@ -9,6 +9,7 @@ A running batch is never joined: what arrives meanwhile waits for the next one (
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import queue
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 from leangpt import cli
 from leangpt.data.fastbpe import byte_decoder
 from leangpt.data.tokenizer import TextTokenizer
-from leangpt.engine import Engine, check_request
+from leangpt.engine import Engine, Request, check_request
 from leangpt.errors import UserError
 from leangpt.generate import TextRequest, TextStream, _result, _to_ids
 from leangpt.sampling import SamplingConfig
@@ -42,6 +43,10 @@ log = logging.getLogger("leangpt.serve")
 # Base models have no chat template: messages become "Role: content" lines and the reply follows "Assistant:".
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # the model's guess at the user's next turn ends the reply
+
+
+class UnknownModel(UserError):
+    """A request names a model this server does not serve."""
 
 
 # ---------------------------------------------------------------- request bodies (OpenAI's fields)
@@ -147,7 +152,7 @@ class Job:
     logprobs: bool
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    request: Any = None  # the engine.Request (token ids), set by Batcher.job
+    request: Request | None = None  # the token ids, set by Batcher.job
     cancelled: bool = False  # the client went away: the worker drops the row
 
     def emit(self, kind: str, value: Any) -> None:
@@ -267,9 +272,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+@functools.cache
+def _byte_of() -> dict[str, int]:
+    return byte_decoder()
+
+
 def _token_bytes(tokenizer: TextTokenizer, token_id: int) -> list[int]:
     """The token's own bytes (byte-level BPE: one alphabet character per byte), which may be part of a character."""
-    of = byte_decoder()
+    of = _byte_of()
     piece = tokenizer.tk.id_to_token(token_id) or ""
     if piece and all(c in of for c in piece):
         return [of[c] for c in piece]
@@ -305,7 +315,7 @@ class Server:
 
     def check(self, body: _Body) -> None:
         if body.model is not None and body.model != self.name:
-            raise UserError(f"model {body.model!r} is not served here; this server serves {self.name!r}")
+            raise UnknownModel(f"model {body.model!r} is not served here; this server serves {self.name!r}")
         body.check()
         body.sampling().validate()
 
@@ -373,8 +383,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
 
     @app.exception_handler(UserError)
     async def user_error(_: HTTPRequest, exc: UserError) -> JSONResponse:
-        code = "model_not_found" if "is not served here" in str(exc) else None
-        return _error(400, str(exc), code=code)
+        return _error(400, str(exc), code="model_not_found" if isinstance(exc, UnknownModel) else None)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: HTTPRequest, exc: HTTPException) -> JSONResponse:

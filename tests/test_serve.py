@@ -64,6 +64,8 @@ def test_models_and_health(served):
     assert client.get(f"/v1/models/{NAME}").json()["object"] == "model"
     assert client.get("/v1/models/other").status_code == 404
     assert client.get("/health").json()["status"] == "ok"
+    r = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "The king"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_completions_equal_the_engine(served):
@@ -161,6 +163,12 @@ def test_concurrent_requests_run_as_one_batch(served):
     for i, prompt in enumerate(prompts):  # each equals its solo run (one row per batch)
         assert results[i] == complete(client, prompt=prompt, max_tokens=10, temperature=0.9, seed=i)["choices"][0]["text"]
     assert client.get("/health").json()["batches"] == after["batches"] + 3
+    # Six prompts of one request with --max-batch 4: two batches, 4 rows then 2.
+    before = client.get("/health").json()
+    out = complete(client, prompt=prompts * 2, max_tokens=10, temperature=0.9, seed=0)
+    after = client.get("/health").json()
+    assert (after["batches"] - before["batches"], after["rows"] - before["rows"], after["last_batch_rows"]) == (2, 6, 2)
+    assert [c["text"] for c in out["choices"][:3]] == [results[i] for i in range(3)]  # seed + i per prompt
 
 
 BAD = [
