@@ -62,7 +62,7 @@ class _Body(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = 1
     stop: str | list[str] = []
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # torch generators take 64 bits
     stream: bool = False
     stream_options: dict[str, Any] = {}
 
@@ -288,9 +288,14 @@ def _token_bytes(tokenizer: TextTokenizer, token_id: int) -> list[int]:
 
 def _completion_logprobs(tokenizer: TextTokenizer, result: dict[str, Any]) -> dict[str, Any]:
     ids = result["token_ids"]
+    pieces = [bytes(_token_bytes(tokenizer, t)) for t in ids]
+    raw, starts = b"".join(pieces), [0]
+    for p in pieces[:-1]:
+        starts.append(starts[-1] + len(p))
+    # A token's offset counts the whole characters before its first byte.
+    offsets = [len(raw[:b].decode("utf-8", errors="ignore")) for b in starts[:len(ids)]]
     return {"tokens": [tokenizer.decode([t]) for t in ids], "token_logprobs": result["logprobs"],
-            "top_logprobs": None,
-            "text_offset": [len(tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]}
+            "top_logprobs": None, "text_offset": offsets}
 
 
 def _chat_logprobs(tokenizer: TextTokenizer, result: dict[str, Any]) -> dict[str, Any]:
@@ -309,27 +314,21 @@ class Server:
     batcher: Batcher
     created: int = field(default_factory=lambda: int(time.time()))
 
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        return self.batcher.tokenizer
-
     def check(self, body: _Body) -> None:
         if body.model is not None and body.model != self.name:
             raise UnknownModel(f"model {body.model!r} is not served here; this server serves {self.name!r}")
         body.check()
         body.sampling().validate()
 
-    def jobs(self, body: _Body, prompts: list[str], max_tokens: list[int] | int, stops: tuple[str, ...],
-             logprobs: bool) -> tuple[list[Job], asyncio.Queue]:
+    def jobs(self, body: _Body, prompts: list[str], max_tokens: int, stops: tuple[str, ...], logprobs: bool) -> tuple[list[Job], asyncio.Queue]:
         """One checked job per prompt (all checked before any is queued), seeds seed + i as `leangpt generate`."""
         sampling = body.sampling()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
         for i, prompt in enumerate(prompts):
-            n = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
             seed = None if body.seed is None else body.seed + i
-            jobs.append(self.batcher.job(TextRequest(prompt, n, sampling, seed, stops), i, body.stream, logprobs,
-                                         events))
+            jobs.append(self.batcher.job(TextRequest(prompt, max_tokens, sampling, seed, stops), i, body.stream,
+                                         logprobs, events))
         return jobs, events
 
     async def results(self, jobs: list[Job], events: asyncio.Queue) -> list[dict[str, Any]]:

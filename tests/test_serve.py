@@ -88,6 +88,7 @@ def test_completions_equal_the_engine(served):
     lp = with_lp["logprobs"]
     assert with_lp["text"] == out["choices"][0]["text"] and "".join(lp["tokens"]) == with_lp["text"]
     assert len(lp["token_logprobs"]) == len(lp["tokens"]) and all(x <= 0 for x in lp["token_logprobs"])
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
 
 
 def test_streaming_reassembles_seeds_repeat(served):
@@ -181,6 +182,8 @@ BAD = [
     ("/v1/completions", {"prompt": "The king", "frequency_penalty": 3}, "frequency_penalty"),
     ("/v1/completions", {"prompt": "The king", "model": "gpt-4"}, "not served"),
     ("/v1/completions", {"prompt": "The king", "n": 2}, "n must be 1"),
+    ("/v1/completions", {"prompt": "The king", "seed": 2**70}, "seed"),
+    ("/v1/completions", {"prompt": "The king", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "The king", "logprobs": 3}, "logprobs"),
     ("/v1/completions", {"prompt": "The king", "logprobs": 0, "stream": True}, "streaming"),
     ("/v1/completions", {"max_tokens": 5}, "prompt"),
