@@ -8,10 +8,12 @@ Variants (all from the same float checkpoint, scored on the same val tokens):
   ao-int8         torch.ao.quantization.quantize_dynamic(qint8) on the same linears as int8 (the peer)
   ao-int8+head    quantize_dynamic on every nn.Linear, head included
   int4-g64        leangpt RTN int4, groups of 64
+  int4-g64@fbgemm-groups  the same checkpoint forced onto the previous int4 route (one FBGEMM call per group)
   gptq-int4-g64   leangpt GPTQ int4, groups of 64, calibrated on the train split
 
 For each: perplexity, bits per byte, KL(fp32 || variant) and top-1 agreement, decode tokens/s at batch 1
-(one token per forward with the KV cache, after a prefill; variants timed round-robin, median of rounds),
+(one token per forward with the KV cache, after a prefill; every model in the decode weight layout that
+leangpt's generation engine uses on CPUs; variants timed round-robin, median of rounds),
 size on disk, bits per weight with scales, and the kernels the quantized layers run on.
 
     flock /tmp/leangpt-bench.lock python bench/bench_quantize.py --model CKPT --data DATA --json-out bench/quantize.json
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -32,6 +35,7 @@ import torch.nn as nn
 
 from leangpt.checkpoint import load_checkpoint, load_model, read_meta
 from leangpt.data.shards import Dataset
+from leangpt.cpu_linear import use_decode_linears
 from leangpt.evaluate import evaluate_tokens
 from leangpt.quant.model import kernels_used, target_layers
 from leangpt.quantize import main as quantize_main
@@ -92,9 +96,14 @@ def main() -> None:
     models: dict[str, nn.Module] = {"fp32": fp32}
     for name in OURS:
         models[name] = load_model(dirs[name])  # kernels chosen here (measured once, cached)
+    os.environ["LEANGPT_QUANT_KERNEL"] = "fbgemm-groups"
+    models["int4-g64@fbgemm-groups"] = load_model(dirs["int4-g64"])
+    del os.environ["LEANGPT_QUANT_KERNEL"]
+    dirs["int4-g64@fbgemm-groups"] = dirs["int4-g64"]
     models["ao-int8"] = ao_dynamic(args.model, with_head=False)
     models["ao-int8+head"] = ao_dynamic(args.model, with_head=True)
-    order = ["fp32", "int8", "ao-int8", "int8+head", "ao-int8+head", "int4-g64", "gptq-int4-g64"]
+    order = ["fp32", "int8", "ao-int8", "int8+head", "ao-int8+head", "int4-g64", "int4-g64@fbgemm-groups",
+             "gptq-int4-g64"]
 
     tokens = Dataset(args.data).tokens("val")
     rows: dict[str, dict[str, Any]] = {}
@@ -115,8 +124,10 @@ def main() -> None:
                           [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)])},
                       "quantize_seconds": quant_seconds.get(name)}
         print(f"{name}: ppl {q['perplexity']:.3f}", flush=True)
+    load_before = os.getloadavg()
     for name in order:
-        decode_seconds(models[name], args.prompt_len, 8)  # warm-up
+        use_decode_linears(models[name])  # as leangpt's Engine does on CPUs (fp32 linears: MKL, best layout)
+        decode_seconds(models[name], args.prompt_len, 8)  # warm-up (and compiles of one-row kernels)
     times: dict[str, list[float]] = {n: [] for n in order}
     for _ in range(args.rounds):
         for name in order:
@@ -129,20 +140,23 @@ def main() -> None:
     for a, b in (("int8", "ao-int8"), ("int8+head", "ao-int8+head")):
         rows[a]["decode_vs_torch_ao"] = rows[a]["decode_tokens_per_s"] / rows[b]["decode_tokens_per_s"]
 
-    print(f"\n{'variant':<15}{'ppl':>9}{'Δppl':>8}{'bpb':>8}{'KL':>9}{'top1':>7}{'tok/s':>8}{'×fp32':>7}"
+    load_after = os.getloadavg()
+    print(f"\n{'variant':<24}{'ppl':>9}{'Δppl':>8}{'bpb':>8}{'KL':>9}{'top1':>7}{'tok/s':>8}{'×fp32':>7}"
           f"{'MB':>7}{'×size':>7}{'bits/w':>8}  kernels")
     for name in order:
         r = rows[name]
         size = f"{r['size_bytes'] / 1e6:7.2f}{r['size_vs_fp32']:7.3f}" if r["size_bytes"] else f"{'-':>7}{'-':>7}"
-        print(f"{name:<15}{r['perplexity']:9.3f}{r['perplexity_change']:+8.2%}{r['bits_per_byte']:8.4f}"
+        print(f"{name:<24}{r['perplexity']:9.3f}{r['perplexity_change']:+8.2%}{r['bits_per_byte']:8.4f}"
               f"{r['kl']:9.5f}{r['top1_agreement']:7.1%}{r['decode_tokens_per_s']:8.0f}{r['decode_vs_fp32']:7.2f}"
               f"{size}{r['bits_per_weight']:8.2f}  {r['kernels']}")
     for a in ("int8", "int8+head"):
         print(f"{a} decode vs torch.ao quantize_dynamic on the same layers: {rows[a]['decode_vs_torch_ao']:.2f}x")
+    print(f"load average (1, 5, 15 min): before timing {load_before}, after {load_after}")
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__},
               "model": str(args.model), "eval_tokens": args.eval_tokens, "rounds": args.rounds,
-              "new_tokens": args.new_tokens, "variants": rows}
+              "new_tokens": args.new_tokens, "load_average_before": load_before, "load_average_after": load_after,
+              "variants": rows}
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
 

@@ -72,6 +72,10 @@ def test_inductor_int4_kernel_one_row_and_many(shape, group):
         assert module.kernel == "inductor"  # compiled, not fallen back
         assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE["inductor"], rows
     assert module(torch.randn(1, in_f, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    if shape == (40, 100):  # inside a whole-model torch.compile the same tensor ops are traced, not called
+        x = torch.randn(1, in_f, generator=gen)
+        y = torch.compile(module, fullgraph=True, dynamic=False)(x)
+        assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE["inductor"]
 
 
 def test_inductor_kernel_falls_back_when_it_cannot_compile(monkeypatch):
