@@ -48,8 +48,9 @@ TOKENIZER_SAMPLE_BYTES = 4 << 20  # default BPE training sample; BENCHMARKS.md h
 class Analysis:
     """What pass 1 needs to know about one document (computed in a worker)."""
 
-    text: str  # cleaned
+    text: str | None  # cleaned, when cleaning changed a kept document (else the caller's text is it: less to pickle)
     bytes_in: int
+    nbytes: int  # UTF-8 bytes after cleaning
     cleaned: dict[str, int]  # cleaning step -> bytes it removed
     removed_by: str | None  # "empty" or a filter name
     key: bytes
@@ -77,16 +78,17 @@ def analyse(texts: list[str], cfg: _Config | None = None) -> list[Analysis]:
     for raw in texts:
         text, changed = clean(raw, cfg.clean_steps)
         n_in = len(raw.encode("utf-8"))
+        n_out = len(text.encode("utf-8")) if changed else n_in
         if not text.strip():
-            out.append(Analysis("", n_in, changed, "empty", b"", None))
+            out.append(Analysis(None, n_in, n_out, changed, "empty", b"", None))
             continue
         w = words(text) if cfg.filters or cfg.hasher else None
         reason = failing_filter(text, w, cfg.filters) if cfg.filters else None
         if reason:
-            out.append(Analysis(text, n_in, changed, reason, b"", None))
+            out.append(Analysis(None, n_in, n_out, changed, reason, b"", None))
             continue
         sig = cfg.hasher.signature_of_shingles(w.ngrams(cfg.hasher.shingle)) if cfg.hasher else None
-        out.append(Analysis(text, n_in, changed, None, exact_key(text), sig))
+        out.append(Analysis(text if changed else None, n_in, n_out, changed, None, exact_key(text), sig))
     return out
 
 
@@ -214,7 +216,7 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
             for step, nbytes in a.cleaned.items():
                 cleaning[step]["documents"] += 1
                 cleaning[step]["bytes"] += nbytes
-            nbytes = len(a.text.encode("utf-8"))
+            nbytes = a.nbytes
             if a.removed_by:
                 removed[a.removed_by]["documents"] += 1
                 removed[a.removed_by]["bytes"] += nbytes
@@ -227,7 +229,7 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
                     exact_clusters.setdefault(first, []).append(doc.name)
                     continue
             if spool is not None:
-                spool.append(a.text)
+                spool.append(doc.text if a.text is None else a.text)
             names.append(doc.name)
             doc_source.append(src)
             doc_bytes.append(nbytes)
