@@ -44,8 +44,13 @@ def init(device: torch.device) -> World:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        if device.type == "cuda":
+            # NCCL wants this process's GPU by index ("cuda" alone is refused), one GPU per local rank.
+            device_id = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device_id)
+            dist.init_process_group("nccl", device_id=device_id)
+        else:
+            dist.init_process_group("gloo")
     return world
 
 
