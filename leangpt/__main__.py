@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("leangpt.quantize", "int8 / int4 weight quantization, round-to-nearest or GPTQ"),
     "prune": ("leangpt.prune", "unstructured, N:M and structured (smaller dense model) pruning"),
     "serve": ("leangpt.serve", "OpenAI-compatible HTTP server (completions, chat, streaming, batched requests)"),
+    "pipeline": ("leangpt.pipeline", "the main job: data, train, quantize/prune/distill, eval and bench all, report"),
 }
 
 

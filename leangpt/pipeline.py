@@ -1,0 +1,485 @@
+"""`leangpt pipeline`: the main job. prepare → train → variants (int8, GPTQ int4, structured prune, distilled
+student) → eval and bench of every variant → a sample → RUN/report.md and RUN/report.json.
+
+Every stage is the real command run in this process (its library function or its main(argv) with --json), writing
+into a temporary directory that is renamed to RUN/<stage> when it is complete; RUN/pipeline.json records each
+finished stage, so `--resume` skips those and runs the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from leangpt import cli, distributed, report
+from leangpt.config import ModelConfig
+from leangpt.data.filters import FilterConfig
+from leangpt.data.prepare import prepare
+from leangpt.errors import UserError
+from leangpt.fsutil import atomic_dir, atomic_write_text, check_output_dir, read_json
+from leangpt.train import TrainConfig, train
+
+STATE_FILE = "pipeline.json"
+
+
+# ---------------------------------------------------------------- settings: one small config per stage
+
+@dataclass
+class DataConfig:
+    source: list[str] = field(default_factory=lambda: ["shakespeare"])  # as `leangpt prepare --source`
+    vocab_size: int = 8192
+    val_fraction: float = 0.1
+    seed: int = 0
+    filters: bool = True  # the Gopher quality filters, as `leangpt prepare` applies them by default
+
+
+def train_defaults() -> TrainConfig:
+    """`leangpt train`'s settings; the pipeline's defaults fit the whole run in about 10 minutes on 2 cores."""
+    return TrainConfig(preset="small-cpu", max_steps=250, batch_size=16, eval_every=0, eval_tokens=16384,
+                       log_every=25)
+
+
+@dataclass
+class QuantizeConfig:
+    int8: bool = True  # int8 per output channel, round-to-nearest
+    gptq_int4: bool = True  # int4 by GPTQ
+    group_size: int = 64
+    calib_samples: int = 64  # GPTQ calibration windows from the train split
+    calib_seq_len: int | None = None  # None: min(256, the model's context)
+
+
+@dataclass
+class PruneConfig:
+    enabled: bool = True  # structured pruning: a smaller dense model
+    heads: float = 0.34  # fraction of attention heads removed (2 of 6 in small-cpu)
+    neurons: float = 0.5  # fraction of MLP neurons removed
+    calib_samples: int = 32
+    recover_steps: int = 60  # fine-tuning steps after pruning; 0 skips recovery
+    recover_loss: str = "lm"  # lm | distill (from the unpruned model)
+    lr: float = 3e-4
+
+
+@dataclass
+class DistillStageConfig:
+    enabled: bool = False  # a student of every other teacher block, trained on the teacher's soft targets
+    student_layers: str | None = None  # teacher blocks copied into the student, e.g. "0,3"; None: every other
+    max_steps: int = 100
+    lr: float = 1e-3
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int | None = 65536  # val tokens scored per variant; None: the whole split
+    batch_size: int = 8
+
+
+@dataclass
+class BenchConfig:
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_tokens: int = 32
+    new_tokens: int = 128
+    repeats: int = 3
+    threads: int | None = None  # None: torch's choice, one per core
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "ROMEO:"
+    max_new_tokens: int = 80
+    temperature: float = 0.8
+    seed: int = 1
+
+
+@dataclass
+class ReportConfig:
+    plot: bool = True  # report.png: bits per byte against decode speed
+
+
+@dataclass
+class PipelineConfig:
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=train_defaults)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillStageConfig = field(default_factory=DistillStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def validate(self) -> None:
+        """Everything that can be checked before the first stage, so a typo does not cost a training run."""
+        self.train.validate()
+        ModelConfig.from_preset(self.train.preset, **self.train.model)
+        checks = [
+            (bool(self.data.source), "data.source must name at least one source"),
+            (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
+            (self.quantize.calib_samples >= 1, "quantize.calib_samples must be >= 1"),
+            (0 <= self.prune.heads < 1 and 0 <= self.prune.neurons < 1, "prune.heads and prune.neurons must be in [0, 1)"),
+            (not self.prune.enabled or self.prune.heads > 0 or self.prune.neurons > 0,
+             "prune.enabled needs prune.heads or prune.neurons > 0"),
+            (self.prune.recover_steps >= 0 and self.prune.calib_samples >= 1,
+             "prune.recover_steps must be >= 0 and prune.calib_samples >= 1"),
+            (self.prune.recover_loss in ("lm", "distill"), "prune.recover_loss must be lm or distill"),
+            (self.distill.max_steps >= 1, "distill.max_steps must be >= 1"),
+            (self.eval.max_tokens is None or self.eval.max_tokens >= 2, "eval.max_tokens must be >= 2"),
+            (self.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+            (bool(self.bench.batches) and min(self.bench.batches) >= 1, "bench.batches must be >= 1"),
+            (min(self.bench.prompt_tokens, self.bench.new_tokens, self.bench.repeats) >= 1,
+             "bench.prompt_tokens, bench.new_tokens and bench.repeats must be >= 1"),
+            (self.sample.max_new_tokens >= 1, "sample.max_new_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"bad setting: {message}")
+
+    def variants(self) -> list[str]:
+        """Checkpoint stages, the dense model first."""
+        wanted = [("int8", self.quantize.int8), ("gptq-int4", self.quantize.gptq_int4),
+                  ("pruned", self.prune.enabled), ("distilled", self.distill.enabled)]
+        return ["dense"] + [name for name, on in wanted if on]
+
+
+def load_config(config_file: Path | None, overrides: list[str]) -> PipelineConfig:
+    cfg = cli.apply_overrides(PipelineConfig(), config_file, overrides)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------- running commands in this process
+
+def run_json(module: Any, argv: list[str]) -> Any:
+    """A command's main(argv + --json) in this process; its stdout (one JSON value) is parsed and returned."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = module.main([*argv, "--json"])
+    if code != 0:
+        raise RuntimeError(f"leangpt {module.__name__} exited with {code}")
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def _sets(**settings: Any) -> list[str]:
+    return [a for k, v in settings.items() if v is not None for a in ("--set", f"{k}={v}")]
+
+
+class Run:
+    """The run directory: stage outputs, their records in pipeline.json, progress on stderr."""
+
+    def __init__(self, out: Path, cfg: PipelineConfig, resume: bool) -> None:
+        self.out, self.cfg = out, cfg
+        self.state: dict[str, Any] = {"config": config_dict(cfg), "stages": {}}
+        if resume:
+            saved = read_json(out / STATE_FILE)
+            if saved.get("config") != self.state["config"]:
+                key = _first_difference(saved.get("config", {}), self.state["config"])
+                raise UserError(f"--resume: the settings differ from the saved run's ({key}); "
+                                f"use --overwrite to start again")
+            self.state["stages"] = {k: v for k, v in saved.get("stages", {}).items() if (out / k).is_dir()}
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_text(self.out / STATE_FILE, json.dumps(self.state, indent=2))
+
+    def path(self, stage: str) -> Path:
+        return self.out / stage
+
+    def stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """Run fn(tmp_dir) unless this stage is already complete; tmp_dir becomes RUN/name when fn returns."""
+        if name in self.state["stages"]:
+            cli.log(f"pipeline: {name}: done in an earlier run ({self.state['stages'][name]['seconds']:.1f}s), skipped")
+            return self.state["stages"][name]["result"]
+        cli.log(f"pipeline: {name} ...")
+        t0 = time.perf_counter()
+        with atomic_dir(self.path(name)) as tmp:
+            result = fn(tmp)
+        seconds = time.perf_counter() - t0
+        self.state["stages"][name] = {"seconds": seconds, "result": result, "load_average": os.getloadavg()}
+        self.save()
+        cli.log(f"pipeline: {name} done in {seconds:.1f}s")
+        return result
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    fa, fb = _flat(a), _flat(b)
+    return next((k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)), "?")
+
+
+def config_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+# ---------------------------------------------------------------- the stages
+
+def stage_data(cfg: DataConfig) -> Callable[[Path], dict[str, Any]]:
+    def run(tmp: Path) -> dict[str, Any]:
+        timings: dict[str, float] = {}
+        manifest = prepare(cfg.source, tmp, cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                           overwrite=True, filters=FilterConfig() if cfg.filters else None, workers=os.cpu_count() or 1,
+                           progress=sys.stderr.isatty(), timings=timings)
+        return {"documents_read": manifest["documents_read"], "documents_kept": manifest["documents_kept"],
+                "bytes_read": manifest["bytes_read"], "vocab_size": manifest["vocab_size"],
+                "train_tokens": manifest["train"]["tokens"], "val_tokens": manifest["val"]["tokens"]}
+    return run
+
+
+def stage_train(cfg: TrainConfig, device: str, data: Path) -> Callable[[Path], dict[str, Any]]:
+    def run(tmp: Path) -> dict[str, Any]:
+        tc = dataclasses.replace(cfg, device=device)
+        try:
+            final = train(tc, data, tmp, overwrite=True, progress=sys.stderr.isatty())
+        finally:
+            distributed.shutdown()
+        return {k: final[k] for k in ("step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "val_loss",
+                                      "val_bits_per_byte", "params", "compute_dtype") if k in final}
+    return run
+
+
+def stage_quantize(method: str, cfg: QuantizeConfig, device: str, dense: Path, data: Path) -> Callable[[Path], dict[str, Any]]:
+    from leangpt import quantize
+
+    def run(tmp: Path) -> dict[str, Any]:
+        argv = ["--model", str(dense), "--method", method, "--group-size", str(cfg.group_size), "--device", device,
+                "--out", str(tmp), "--overwrite"]
+        if method.startswith("gptq"):
+            argv += ["--calib-data", str(data), "--calib-samples", str(cfg.calib_samples)]
+            if cfg.calib_seq_len:
+                argv += ["--calib-seq-len", str(cfg.calib_seq_len)]
+        result = run_json(quantize, argv)
+        return {k: result[k] for k in ("method", "scheme", "bits_per_weight", "size_ratio", "seconds")}
+    return run
+
+
+def stage_prune(cfg: PruneConfig, tc: TrainConfig, device: str, dense: Path, data: Path) -> Callable[[Path], dict[str, Any]]:
+    from leangpt import prune
+
+    def run(tmp: Path) -> dict[str, Any]:
+        argv = ["--model", str(dense), "--method", "structured", "--heads", str(cfg.heads), "--neurons",
+                str(cfg.neurons), "--calib-data", str(data), "--calib-samples", str(cfg.calib_samples),
+                "--recover-steps", str(cfg.recover_steps), "--recover-loss", cfg.recover_loss, "--device", device,
+                "--out", str(tmp), "--overwrite",
+                *_sets(lr=cfg.lr, batch_size=tc.batch_size, block_size=tc.block_size, precision=tc.precision,
+                       eval_tokens=tc.eval_tokens, log_every=tc.log_every)]
+        try:
+            result = run_json(prune, argv)
+        finally:
+            distributed.shutdown()
+        keep = ("heads", "neurons", "heads_before", "neurons_before", "params_before", "params", "prune_seconds")
+        out = {k: result[k] for k in keep if k in result}
+        if "recovery" in result:
+            out["recovery"] = {k: v for k, v in result["recovery"].items() if k != "train_config"}
+        return out
+    return run
+
+
+def stage_distill(cfg: DistillStageConfig, tc: TrainConfig, device: str, dense: Path, data: Path) -> Callable[[Path], dict[str, Any]]:
+    from leangpt import distill
+
+    def run(tmp: Path) -> dict[str, Any]:
+        argv = ["--teacher", str(dense), "--data", str(data), "--out", str(tmp), "--overwrite",
+                *(["--student-layers", cfg.student_layers] if cfg.student_layers else []),
+                *_sets(max_steps=cfg.max_steps, lr=cfg.lr, batch_size=tc.batch_size, block_size=tc.block_size,
+                       precision=tc.precision, eval_every=0, eval_tokens=tc.eval_tokens, log_every=tc.log_every,
+                       device=device, seed=tc.seed)]
+        try:
+            result = run_json(distill, argv)
+        finally:
+            distributed.shutdown()
+        return {k: result[k] for k in ("step", "train_time_s", "val_loss", "val_bits_per_byte", "params") if k in result}
+    return run
+
+
+def stage_eval(cfg: EvalConfig, device: str, models: dict[str, Path], data: Path) -> Callable[[Path], dict[str, Any]]:
+    """`leangpt eval` of every variant; the others also `--reference` the dense model for KL and top-1 agreement."""
+    from leangpt import evaluate
+
+    def run(tmp: Path) -> dict[str, Any]:
+        results = {}
+        for name, path in models.items():
+            argv = eval_argv(cfg, device, path, data, None if name == "dense" else models["dense"])
+            t0 = time.perf_counter()
+            results[name] = run_json(evaluate, argv)
+            cli.log(f"pipeline: eval {name}: bits/byte {results[name]['bits_per_byte']:.4f} "
+                    f"({time.perf_counter() - t0:.1f}s)")
+            (tmp / f"{name}.json").write_text(json.dumps(results[name], indent=2))
+        return results
+    return run
+
+
+def eval_argv(cfg: EvalConfig, device: str, model: Path, data: Path, reference: Path | None) -> list[str]:
+    """The `leangpt eval` arguments the pipeline uses for one variant (tests rerun exactly these)."""
+    argv = ["--model", str(model), "--data", str(data), "--batch-size", str(cfg.batch_size), "--device", device]
+    if cfg.max_tokens is not None:
+        argv += ["--max-tokens", str(cfg.max_tokens)]
+    if reference is not None:
+        argv += ["--reference", str(reference)]
+    return argv
+
+
+def stage_bench(cfg: BenchConfig, device: str, models: dict[str, Path]) -> Callable[[Path], dict[str, Any]]:
+    from leangpt import bench
+
+    def run(tmp: Path) -> dict[str, Any]:
+        argv = [a for path in models.values() for a in ("--model", str(path))]
+        argv += [a for b in cfg.batches for a in ("--batch", str(b))]
+        argv += ["--prompt-tokens", str(cfg.prompt_tokens), "--new-tokens", str(cfg.new_tokens),
+                 "--repeats", str(cfg.repeats), "--device", device]
+        if cfg.threads:
+            argv += ["--threads", str(cfg.threads)]
+        records = run_json(bench, argv)
+        (tmp / "results.json").write_text(json.dumps(records, indent=2))
+        by_path = {str(p): name for name, p in models.items()}
+        out: dict[str, Any] = {name: {} for name in models}
+        for r in records:
+            out[by_path[r["model"]]][str(r["batch"])] = r
+        return out
+    return run
+
+
+def stage_sample(cfg: SampleConfig, device: str, dense: Path) -> Callable[[Path], dict[str, Any]]:
+    from leangpt import generate
+
+    def run(tmp: Path) -> dict[str, Any]:
+        result = run_json(generate, ["--model", str(dense), "--prompt", cfg.prompt, "--max-new-tokens",
+                                     str(cfg.max_new_tokens), "--temperature", str(cfg.temperature),
+                                     "--seed", str(cfg.seed), "--device", device])
+        (tmp / "sample.json").write_text(json.dumps(result, indent=2))
+        return result
+    return run
+
+
+# ---------------------------------------------------------------- the whole chain
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1) if memory else None,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, resume: bool = False,
+                 command: str = "leangpt pipeline") -> dict[str, Any]:
+    """Run every stage into the run directory `out` and write its report; returns report.json's content."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise UserError(f"--resume: {out} holds no pipeline run ({STATE_FILE} not found)")
+    else:
+        _fresh_run_dir(out, overwrite)
+    started, load_start = time.time(), os.getloadavg()
+    t0 = time.perf_counter()
+    run = Run(out, cfg, resume)
+    data, dense = run.path("data"), run.path("dense")
+    run.stage("data", stage_data(cfg.data))
+    run.stage("dense", stage_train(cfg.train, cfg.device, data))
+    if cfg.quantize.int8:
+        run.stage("int8", stage_quantize("int8", cfg.quantize, cfg.device, dense, data))
+    if cfg.quantize.gptq_int4:
+        run.stage("gptq-int4", stage_quantize("gptq-int4", cfg.quantize, cfg.device, dense, data))
+    if cfg.prune.enabled:
+        run.stage("pruned", stage_prune(cfg.prune, cfg.train, cfg.device, dense, data))
+    if cfg.distill.enabled:
+        run.stage("distilled", stage_distill(cfg.distill, cfg.train, cfg.device, dense, data))
+    models = {name: run.path(name) for name in cfg.variants()}
+    run.stage("eval", stage_eval(cfg.eval, cfg.device, models, data))
+    run.stage("bench", stage_bench(cfg.bench, cfg.device, models))
+    run.stage("sample", stage_sample(cfg.sample, cfg.device, dense))
+    results = {
+        "command": command, "out": str(out), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "wall_s": time.perf_counter() - t0, "resumed": resume,
+        "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+        "machine": machine(), "config": run.state["config"],
+        "stages": {k: {"seconds": v["seconds"], "load_average": v["load_average"]} for k, v in run.state["stages"].items()},
+        "variants": {name: {"checkpoint": str(models[name]), "stage": run.state["stages"].get(name, {}).get("result"),
+                            "eval": run.state["stages"]["eval"]["result"][name],
+                            "bench": run.state["stages"]["bench"]["result"][name]} for name in models},
+        "sample": run.state["stages"]["sample"]["result"],
+    }
+    write_report(out, results, cfg.report.plot)
+    return results
+
+
+def _fresh_run_dir(out: Path, overwrite: bool) -> None:
+    """A new run needs a new directory; --overwrite replaces only a previous run, never an unrelated folder."""
+    check_output_dir(out, overwrite)
+    if out.exists():
+        if any(out.iterdir()) and not (out / STATE_FILE).is_file():
+            raise UserError(f"{out} is not a pipeline run directory ({STATE_FILE} not found); "
+                            f"refusing to replace it")
+        with atomic_dir(out):
+            pass  # an empty directory takes the old run's place
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_report(out: Path, results: dict[str, Any], plot: bool) -> None:
+    if plot and report.plot(results, out / "report.png"):
+        results["plot"] = "report.png"
+    atomic_write_text(out / "report.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "report.md", report.markdown(results))
+
+
+# ---------------------------------------------------------------- the command
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.parser("pipeline", "The main job on one config: prepare the data, train a model, make its smaller "
+                               "variants (int8, GPTQ int4, structured pruning, optionally a distilled student), "
+                               "evaluate and benchmark each, and write RUN/report.md and RUN/report.json with every "
+                               "variant side by side. Settings: configs/default.yaml lists them (the defaults); "
+                               "nested keys with dots, e.g. --set train.max_steps=100 --set distill.enabled=true.")
+    cli.add_overrides(p)
+    p.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory to write")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    what.add_argument("--resume", action="store_true",
+                      help="continue the run in --out: stages finished there are kept, the rest run "
+                           "(the settings must be the saved run's)")
+    p.add_argument("--print-config", action="store_true", help="print the settings as YAML and exit")
+    p.add_argument("--json", action="store_true", help="print report.json's content as one JSON object on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config_dict(cfg), sort_keys=False), end="")
+        return 0
+    command = shlex.join(["leangpt", "pipeline", *(sys.argv[2:] if argv is None else argv)])
+    results = run_pipeline(cfg, args.out, args.overwrite, args.resume, command)
+    cli.log(f"pipeline: wrote {args.out / 'report.md'} in {results['wall_s']:.0f}s")
+    if args.json:
+        cli.print_json(results)
+    else:
+        print(report.variant_table(results))
+    return 0

@@ -1,0 +1,149 @@
+"""Render a pipeline run's results (report.json's content) as markdown, and plot quality against speed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGE_COMMANDS = {"data": "`prepare`", "dense": "`train`", "int8": "`quantize`", "gptq-int4": "`quantize`",
+                  "pruned": "`prune`", "distilled": "`distill`", "eval": "`eval`", "bench": "`bench`",
+                  "sample": "`generate`"}
+
+
+def _f(value: Any, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def describe(name: str, variant: dict[str, Any], config: dict[str, Any]) -> str:
+    """One line on how the variant was made."""
+    stage = variant.get("stage") or {}
+    if name == "dense":
+        t = config["train"]
+        return (f"`{t['preset']}` trained {stage.get('step', t['max_steps'])} steps × {t['batch_size']} sequences "
+                f"({stage.get('compute_dtype', '?')} compute), stored fp32")
+    if name == "int8":
+        return "int8 weights per output channel, round-to-nearest; embedding and head fp32"
+    if name == "gptq-int4":
+        q = config["quantize"]
+        return (f"int4 weights in groups of {q['group_size']} by GPTQ ({q['calib_samples']} calibration windows); "
+                f"embedding and head fp32")
+    if name == "pruned":
+        p = config["prune"]
+        heads, neurons = stage.get("heads", []), stage.get("neurons", [])
+        return (f"structured: {sum(heads)}/{sum(stage.get('heads_before', heads))} heads and "
+                f"{sum(neurons)}/{sum(stage.get('neurons_before', neurons))} MLP neurons kept, then "
+                f"{p['recover_steps']} recovery steps ({p['recover_loss']} loss)")
+    if name == "distilled":
+        d = config["distill"]
+        layers = d["student_layers"] or "every other block"
+        return f"student of the dense model's blocks ({layers}), {d['max_steps']} distillation steps"
+    return ""
+
+
+def variant_table(results: dict[str, Any]) -> str:
+    """One markdown table: every variant side by side."""
+    batches = sorted(int(b) for b in results["config"]["bench"]["batches"])
+    first = str(batches[0])
+    head = (["variant", "params", "size MB", "bits/byte", "perplexity", "KL vs dense", "top-1 = dense"]
+            + [f"decode tok/s b{b}" for b in batches]
+            + [f"prefill tok/s b{first}", f"TTFT ms b{first}", "peak MB"])
+    rows = []
+    for name, v in results["variants"].items():
+        e, bench = v["eval"], v["bench"]
+        b0 = bench.get(first, {})
+        rows.append([
+            name, _f(b0.get("params") and b0["params"] / 1e6, ".2f") + " M", _f(b0.get("size_mb"), ".2f"),
+            _f(e["bits_per_byte"], ".4f"), _f(e["perplexity"], ".2f"), _f(e.get("kl"), ".5f"),
+            _f(e.get("top1_agreement") and 100 * e["top1_agreement"], ".1f") + (" %" if "top1_agreement" in e else ""),
+            *(_f(bench.get(str(b), {}).get("decode_tokens_per_s"), ",.1f") for b in batches),
+            _f(b0.get("prefill_tokens_per_s"), ",.0f"),
+            _f(b0.get("time_to_first_token_s") and 1000 * b0["time_to_first_token_s"], ".1f"),
+            _f(max((r["peak_memory_mb"] for r in bench.values()), default=None), ",.0f"),
+        ])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def busy_note(results: dict[str, Any]) -> str:
+    """Speeds are only comparable on a quiet machine: say when it was not."""
+    load = results["load_average_start"][0]
+    cores = results["machine"]["cores"] or 1
+    if load > cores / 2:
+        return (f"**The machine was shared**: load average {load:.2f} on {cores} cores when the run started, so "
+                f"other processes took CPU time and the speeds below are lower and noisier than on a quiet machine "
+                f"(the ratios between variants, measured back to back, hold better).")
+    return f"Quiet machine: load average {load:.2f} on {cores} cores when the run started."
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, config = results["machine"], results["config"]
+    bench = config["bench"]
+    out = [
+        "# leangpt pipeline report", "",
+        f"`{results['command']}` — started {results['started']}, {results['wall_s'] / 60:.1f} minutes"
+        + (" (resumed: stages from the earlier run kept their times)" if results.get("resumed") else "") + ".", "",
+        busy_note(results), "",
+        "## Variants", "",
+        variant_table(results), "",
+        f"Quality: `leangpt eval` on {_tokens(config['eval']['max_tokens'])} of the val split; KL(dense ‖ variant) "
+        f"in nats per token and top-1 agreement with the dense model (`eval --reference`). Speed: `leangpt bench`, "
+        f"greedy decoding of {bench['new_tokens']} new tokens after a {bench['prompt_tokens']}-token random prompt, "
+        f"median of {bench['repeats']} runs after a warm-up, each model in a fresh process; "
+        f"TTFT = prefill of the prompt; peak MB = peak resident memory of that process (the largest batch). "
+        f"Size: `model*.safetensors` on disk.", "",
+    ]
+    out += [f"- **{name}**: {describe(name, v, config)}" for name, v in results["variants"].items()]
+    if results.get("plot"):
+        out += ["", f"![bits per byte against decode speed]({results['plot']})"]
+    sample = results["sample"]
+    out += ["", "## Sample from the dense model", "",
+            f"Prompt `{sample['prompt']}`, temperature {config['sample']['temperature']}, "
+            f"seed {config['sample']['seed']}, {sample['tokens']} tokens:", "",
+            "```text", sample["prompt"] + sample["text"], "```", ""]
+    out += ["## Stages", "", "| stage (RUN/…) | by | seconds | load average (1 min) after |", "|---|---|---|---|"]
+    out += [f"| {name} | {STAGE_COMMANDS.get(name, '')} | {s['seconds']:.1f} | {s['load_average'][0]:.2f} |"
+            for name, s in results["stages"].items()]
+    out += [f"| **total** | | {results['wall_s']:.1f} | |", ""]
+    out += ["## Machine", "",
+            f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']} ({m['torch_threads']} threads), "
+            f"Python {m['python']}, {m['platform']}" + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + ". "
+            f"Load average (1, 5, 15 min) at the start {_loads(results['load_average_start'])}, "
+            f"at the end {_loads(results['load_average_end'])}.", ""]
+    out += ["## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def _tokens(n: int | None) -> str:
+    return "all tokens" if n is None else f"the first {n:,} tokens"
+
+
+def _loads(loads: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in loads)
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """report.png: bits per byte (lower is better) against batch-1 decode tokens/s, one point per variant."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    first = str(min(int(b) for b in results["config"]["bench"]["batches"]))
+    fig = Figure(figsize=(6, 4), dpi=110)
+    ax = fig.subplots()
+    for name, v in results["variants"].items():
+        speed = v["bench"].get(first, {}).get("decode_tokens_per_s")
+        if speed is None:
+            continue
+        ax.scatter(speed, v["eval"]["bits_per_byte"])
+        ax.annotate(name, (speed, v["eval"]["bits_per_byte"]), textcoords="offset points", xytext=(5, 4))
+    ax.set_xlabel(f"decode tokens/s (batch {first})")
+    ax.set_ylabel("val bits per byte (lower is better)")
+    ax.set_title("quality against speed per variant")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return True

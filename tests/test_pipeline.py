@@ -1,0 +1,152 @@
+"""`leangpt pipeline`: the tiny config end to end on a generated corpus, its report against `leangpt eval`, the
+config checks, refusing an existing run, and --resume."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from leangpt import pipeline, report
+from tests.conftest import run_cli
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = CONFIGS / "tiny.yaml"
+
+
+def tiny_args(corpus: Path, out: Path) -> list[str]:
+    # One bench batch: each (model, batch) is benchmarked in a fresh process, seconds apiece on 2 busy cores.
+    return ["--config", str(TINY), "--set", f"data.source={corpus}", "--set", "sample.prompt=The king",
+            "--set", "bench.batches=1", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus_dir) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        # The reference kernels: no per-machine kernel timing or compilation in a test (and no cache writes).
+        mp.setenv("LEANGPT_QUANT_KERNEL", "reference")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert pipeline.main(tiny_args(corpus_dir, out) + ["--json"]) == 0
+    return out, json.loads(buf.getvalue())
+
+
+def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
+    out, results = tiny_run
+    variants = ["dense", "int8", "gptq-int4", "pruned", "distilled"]
+    assert list(results["variants"]) == variants
+    for stage in [*variants, "data", "eval", "bench", "sample"]:
+        assert (out / stage).is_dir(), stage
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary dirs left behind
+    assert json.loads((out / "report.json").read_text()) == results
+    assert (out / "report.png").stat().st_size > 0
+    for name, v in results["variants"].items():
+        assert list(v["bench"]) == ["1"], name
+        for record in v["bench"].values():
+            assert record["decode_tokens_per_s"] > 0 and record["size_mb"] > 0 and record["params"] > 0
+    params = {n: v["bench"]["1"]["params"] for n, v in results["variants"].items()}
+    assert params["pruned"] < params["dense"] and params["distilled"] < params["dense"]
+    sizes = {n: v["bench"]["1"]["size_mb"] for n, v in results["variants"].items()}
+    assert sizes["gptq-int4"] < sizes["int8"] < sizes["dense"]
+    assert results["sample"]["text"] and results["sample"]["prompt"] == "The king"
+    assert set(results["stages"]) == {*variants, "data", "eval", "bench", "sample"}
+    assert len(results["load_average_start"]) == 3 and results["machine"]["cores"] >= 1
+
+
+def test_report_numbers_are_what_eval_gives(tiny_run, capsys):
+    out, results = tiny_run
+    report_md = (out / "report.md").read_text()
+    cfg = pipeline.load_config(TINY, [])
+    for name, v in results["variants"].items():
+        reference = None if name == "dense" else out / "dense"
+        argv = pipeline.eval_argv(cfg.eval, "auto", out / name, out / "data", reference)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LEANGPT_QUANT_KERNEL", "reference")
+            code, stdout, _ = run_cli(["eval", *argv, "--json"], capsys)
+        assert code == 0
+        expected = json.loads(stdout)
+        keys = ("bits_per_byte", "perplexity", "loss", "tokens") + (() if name == "dense" else ("kl", "top1_agreement"))
+        for key in keys:
+            assert v["eval"][key] == pytest.approx(expected[key], rel=1e-9), (name, key)
+        row = next(line for line in report_md.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3] == f"{expected['bits_per_byte']:.4f}" and cells[4] == f"{expected['perplexity']:.2f}"
+        assert cells[5] == ("—" if name == "dense" else f"{expected['kl']:.5f}")
+        assert cells[7] == f"{v['bench']['1']['decode_tokens_per_s']:,.1f}"
+    assert "| decode tok/s b1 | prefill tok/s b1 |" in report_md
+    assert "## Machine" in report_md and "## Configuration" in report_md and "## Stages" in report_md
+
+
+def test_existing_run_refused_and_resume(tiny_run, corpus_dir, capsys):
+    out, results = tiny_run
+    code, _, err = run_cli(["pipeline", *tiny_args(corpus_dir, out)], capsys)
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["pipeline", *tiny_args(corpus_dir, out), "--resume", "--set", "train.max_steps=31"], capsys)
+    assert code == 2 and "train.max_steps" in err
+    # A lost stage is redone; finished ones are kept.
+    shutil.rmtree(out / "sample")
+    code, _, err = run_cli(["pipeline", *tiny_args(corpus_dir, out), "--resume", "--json"], capsys)
+    assert code == 0
+    assert "dense: done in an earlier run" in err and "bench: done in an earlier run" in err
+    assert "sample done in" in err
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["sample"] == results["sample"]
+    assert resumed["variants"] == results["variants"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, corpus_dir, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(["pipeline", *tiny_args(corpus_dir, tmp_path / "mine"), "--overwrite"], capsys)
+    assert code == 2 and "not a pipeline run" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.nope=1"], "unknown setting 'nope'"),
+    (["--set", "nope=1"], "unknown setting 'nope'"),
+    (["--set", "bench.batches=0"], "bench.batches"),
+    (["--set", "train.preset=huge"], "unknown preset"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, capsys, args, message):
+    code, _, err = run_cli(["pipeline", *args, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_key_in_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 5\nquantize:\n  int3: true\n")
+    code, _, err = run_cli(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "unknown setting 'int3'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_default_yaml_is_the_default(capsys):
+    """configs/default.yaml lists every section with the values the command uses when given no config."""
+    assert pipeline.load_config(CONFIGS / "default.yaml", []) == pipeline.PipelineConfig()
+    listed = pipeline.yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert set(listed) == set(pipeline.config_dict(pipeline.PipelineConfig()))
+    code, out, _ = run_cli(["pipeline", "--print-config"], capsys)
+    assert code == 0 and pipeline.yaml.safe_load(out) == pipeline.config_dict(pipeline.PipelineConfig())
+
+
+def test_help(capsys):
+    code, out, _ = run_cli(["pipeline", "--help"], capsys)
+    assert code == 0 and "--resume" in out and "--set" in out and "report.md" in out
+
+
+def test_table_has_a_decode_column_per_batch(tiny_run):
+    _, results = tiny_run
+    results = json.loads(json.dumps(results))
+    results["config"]["bench"]["batches"] = [8, 1]
+    for v in results["variants"].values():
+        v["bench"]["8"] = {**v["bench"]["1"], "batch": 8, "decode_tokens_per_s": 1234.5, "peak_memory_mb": 99999.0}
+    lines = report.variant_table(results).splitlines()
+    assert "| decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | TTFT ms b1 | peak MB |" in lines[0]
+    assert all(line.endswith("| 99,999 |") and "| 1,234.5 |" in line for line in lines[2:])
+    assert len(lines) == 2 + len(results["variants"])
