@@ -10,6 +10,7 @@ from leangpt.data.prepare import prepare
 from leangpt.data.sources import ReadOptions
 from leangpt.data.shards import Dataset
 from leangpt.data.tokenizer import TextTokenizer
+from leangpt.errors import UserError
 from tests.conftest import WORDS, run_cli
 
 
@@ -224,3 +225,5 @@ def test_tokenizer_sample_is_bounded_and_recorded(tmp_path, corpus_dir):
     m = prepare([str(corpus_dir)], tmp_path / "s", vocab_size=300, val_fraction=0.2, tokenizer_sample_bytes=1000)
     assert m["tokenizer_sample_bytes"] == 1000 and m["tokenizer_sample"]["bytes"] <= 1000
     assert m["tokenizer_sample"]["documents"] >= 1 and m["tokenizer_encoder"] == "tiktoken"
+    with pytest.raises(UserError, match="tokenizer-sample-bytes"):
+        prepare([str(corpus_dir)], tmp_path / "z", tokenizer_sample_bytes=0)

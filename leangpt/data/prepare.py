@@ -18,8 +18,8 @@ import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,8 @@ def prepare(sources: list[str], out: Path, vocab_size: int = 8192, tokenizer_pat
     for name, thr in (("--near-dup-threshold", near_dup_threshold), ("--split-group-threshold", split_group_threshold)):
         if thr is not None and not 0.0 <= thr < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {thr}")
+    if tokenizer_path is None and tokenizer_sample_bytes < 1:
+        raise UserError(f"--tokenizer-sample-bytes must be at least 1, got {tokenizer_sample_bytes}")
     if not dry_run:
         check_output_dir(out, overwrite)
     read = read or ReadOptions()
