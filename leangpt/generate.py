@@ -76,12 +76,14 @@ class TextRequest:
     stop: tuple[str, ...] = ()
 
 
-def _to_ids(tokenizer: TextTokenizer, req: TextRequest, eos: bool) -> Request:
+def to_request(tokenizer: TextTokenizer, req: TextRequest, eos: bool) -> Request:
+    """The engine's request for a text request: prompt ids, and end-of-text as a stop token if `eos`."""
     return Request(tokenizer.encode(req.prompt), req.max_new_tokens, req.sampling, req.seed,
                    (tokenizer.eos_id,) if eos else ())
 
 
-def _result(req: TextRequest, stream: TextStream, completion: Completion, logprobs: bool) -> dict[str, Any]:
+def text_result(req: TextRequest, stream: TextStream, completion: Completion, logprobs: bool) -> dict[str, Any]:
+    """One finished row as generate's JSON record (the text cut at a stop string, counts to match)."""
     stream.finish()
     n = len(completion.tokens)
     if stream.stopped:  # the tokens up to and including the one that completed the stop string
@@ -97,21 +99,21 @@ def _result(req: TextRequest, stream: TextStream, completion: Completion, logpro
 def generate_texts(engine: Engine, tokenizer: TextTokenizer, requests: list[TextRequest], logprobs: bool = False,
                    stop_at_eos: bool = True) -> list[dict[str, Any]]:
     """One batch of prompts to one result each: prompt, text, tokens, finish_reason (and logprobs)."""
-    gen = engine.start([_to_ids(tokenizer, r, stop_at_eos) for r in requests])
+    gen = engine.start([to_request(tokenizer, r, stop_at_eos) for r in requests])
     streams = [TextStream(tokenizer, r.stop) for r in requests]
     for step in gen:
         for row, tok in step:
             streams[row].add(tok)
             if streams[row].stopped:
                 gen.stop(row)
-    return [_result(r, s, c, logprobs) for r, s, c in zip(requests, streams, gen.completions)]
+    return [text_result(r, s, c, logprobs) for r, s, c in zip(requests, streams, gen.completions)]
 
 
 def stream_text(engine: Engine, tokenizer: TextTokenizer, request: TextRequest,
                 draft: nn.Module | None = None, draft_tokens: int = 4,
                 stop_at_eos: bool = True) -> Iterator[str]:
     """Text pieces of one completion as they are generated; with a draft model, by speculative decoding."""
-    ids = _to_ids(tokenizer, request, stop_at_eos)
+    ids = to_request(tokenizer, request, stop_at_eos)
     stream = TextStream(tokenizer, request.stop)
     if draft is None:
         gen = engine.start([ids])
@@ -136,14 +138,14 @@ def stream_text(engine: Engine, tokenizer: TextTokenizer, request: TextRequest,
 def speculative_text(target: nn.Module, draft: nn.Module, tokenizer: TextTokenizer, request: TextRequest,
                      draft_tokens: int, logprobs: bool = False, stop_at_eos: bool = True) -> dict[str, Any]:
     """One prompt by speculative decoding: the result with its acceptance rate."""
-    spec = SpeculativeGeneration(target, draft, _to_ids(tokenizer, request, stop_at_eos), draft_tokens)
+    spec = SpeculativeGeneration(target, draft, to_request(tokenizer, request, stop_at_eos), draft_tokens)
     stream = TextStream(tokenizer, request.stop)
     for new in spec:
         for tok in new:
             stream.add(tok)
         if stream.stopped:
             spec.stop()
-    result = _result(request, stream, spec.completion, logprobs)
+    result = text_result(request, stream, spec.completion, logprobs)
     result.update(_spec_stats(spec.stats))
     return result
 

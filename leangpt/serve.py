@@ -35,7 +35,7 @@ from leangpt.data.fastbpe import byte_decoder
 from leangpt.data.tokenizer import TextTokenizer
 from leangpt.engine import Engine, Request, check_request
 from leangpt.errors import UserError
-from leangpt.generate import TextRequest, TextStream, _result, _to_ids
+from leangpt.generate import TextRequest, TextStream, text_result, to_request
 from leangpt.sampling import SamplingConfig
 
 log = logging.getLogger("leangpt.serve")
@@ -182,7 +182,7 @@ class Batcher:
     def job(self, text: TextRequest, index: int, stream: bool, logprobs: bool, events: asyncio.Queue) -> Job:
         """A checked job (UserError for an empty prompt, a prompt + max_tokens beyond the context, ...)."""
         job = Job(text, index, stream, logprobs, events, asyncio.get_running_loop())
-        job.request = _to_ids(self.tokenizer, text, eos=True)
+        job.request = to_request(self.tokenizer, text, eos=True)
         check_request(job.request, self.engine.block_size)
         return job
 
@@ -242,7 +242,7 @@ class Batcher:
                 if stream.stopped or job.cancelled:
                     gen.stop(row)
         tails = [stream.finish() for stream in streams]
-        results = [_result(j.text, s, c, j.logprobs) for j, s, c in zip(jobs, streams, gen.completions)]
+        results = [text_result(j.text, s, c, j.logprobs) for j, s, c in zip(jobs, streams, gen.completions)]
         tokens = sum(r["tokens"] for r in results)
         s = self.stats  # counted before the replies go out, so a client that got its reply sees its batch
         s.batches, s.rows, s.last_batch_rows, s.tokens = s.batches + 1, s.rows + len(jobs), len(jobs), s.tokens + tokens
