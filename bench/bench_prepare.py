@@ -61,8 +61,9 @@ def run_prepare(args: list[str]) -> dict:
         raise SystemExit(proc.stderr)
     stages, rss_kib, cpu = {}, 0, 0.0
     for line in proc.stderr.splitlines():
-        if line.startswith("seconds: "):
-            stages = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in line[9:].split(", "))}
+        if line.startswith("seconds (wall/CPU): "):
+            stages = {k: [float(x) for x in v.split("/")]
+                      for k, v in (item.rsplit(" ", 1) for item in line[20:].split(", "))}
         elif line.startswith("rusage: "):
             rss_kib, cpu = int(line.split()[1]), float(line.split()[2])
     return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss_kib / 1024, "stages": stages,
@@ -72,9 +73,9 @@ def run_prepare(args: list[str]) -> dict:
 def report(name: str, mb: float, r: dict) -> dict:
     row = {"mb": mb, "seconds": r["seconds"], "mb_per_s": mb / r["seconds"], "cpu_seconds": r["cpu_seconds"],
            "peak_rss_mb": r["peak_rss_mb"], "stages": r["stages"], "loadavg_after": os.getloadavg()[0]}
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+    stages = ", ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in r["stages"].items())
     print(f"{name} ({mb:,.1f} MB): {r['seconds']:.2f} s = {mb / r['seconds']:.2f} MB/s, {r['cpu_seconds']:.1f} CPU s, "
-          f"peak RSS {r['peak_rss_mb']:,.0f} MB; stages (s): {stages}; load {os.getloadavg()[0]:.2f}", flush=True)
+          f"peak RSS {r['peak_rss_mb']:,.0f} MB; stages (wall/CPU s): {stages}; load {os.getloadavg()[0]:.2f}", flush=True)
     return row
 
 

@@ -57,6 +57,25 @@ class Analysis:
     signature: np.ndarray | None
 
 
+class _Stages:
+    """Wall and CPU seconds of each stage into a dict (name, name + "_cpu"). CPU counts this process's threads and
+    its finished worker processes (the pass-1 pool is joined before its stage ends)."""
+
+    def __init__(self, out: dict[str, float]) -> None:
+        self.out = out
+        self._last = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        t = os.times()
+        return time.perf_counter(), t.user + t.system + t.children_user + t.children_system
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.out[name], self.out[name + "_cpu"] = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+
+
 @dataclasses.dataclass
 class _Config:
     clean_steps: dict[str, bool]
@@ -165,8 +184,8 @@ def prepare(sources: list[str], out: Path, vocab_size: int = 8192, tokenizer_pat
 
     filters=None applies no quality filter (the CLI passes FilterConfig() unless --no-filters); threshold None
     (or 0) turns near-dedup or split grouping off. With dry_run nothing is written and no tokenizer is trained.
-    A timings dict, when given, receives each stage's wall seconds (kept out of the manifest, which must not vary
-    from run to run).
+    A timings dict, when given, receives each stage's wall and CPU seconds (kept out of the manifest, which must
+    not vary from run to run).
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
@@ -208,7 +227,7 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
             for doc in read_source(spec, read, stats):
                 yield i, doc
 
-    clock = time.perf_counter()
+    o["stages"] = stages = _Stages(o["timings"])
     bar = tqdm(total=None, unit="B", unit_scale=True, desc="read, clean, filter, hash", disable=not o["progress"])
     try:
         for src, doc, a in _analysed(_batches(documents()), cfg, o["workers"]):
@@ -240,8 +259,7 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
     finally:
         bar.close()
     del seen
-    o["timings"]["read_clean_filter_hash"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    stages.lap("read_clean_filter_hash")
 
     n = len(names)
     keep = np.ones(n, dtype=bool)
@@ -282,7 +300,7 @@ def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Con
                    for i, j, e in res.pairs]
     del signatures
     is_val_kept = _split_units(len(kept_idx), groups, o["val_fraction"], o["seed"])
-    o["timings"]["dedup_split"] = time.perf_counter() - clock
+    stages.lap("dedup_split")
     split_of = np.full(n, -1, dtype=np.int8)  # -1 removed, 0 train, 1 val
     split_of[kept_idx] = is_val_kept.astype(np.int8)
     # Mixing: a train document of a source with weight w is written floor(w) times, plus once more with
@@ -342,7 +360,6 @@ def _tokenizer_sample(spool: Spool, train_idx: np.ndarray, budget: int, seed: in
 
 def _tokenize(spool: Spool, names: list[str], split_of: np.ndarray, copies: np.ndarray, tmp: Path,
               manifest: dict[str, Any], o: dict[str, Any]) -> None:
-    clock = time.perf_counter()
     sample: dict[str, int] | None = None
     if o["tokenizer_path"] is not None:
         tokenizer = TextTokenizer.load(o["tokenizer_path"])
@@ -351,8 +368,7 @@ def _tokenize(spool: Spool, names: list[str], split_of: np.ndarray, copies: np.n
         tokenizer = TextTokenizer.train(_tokenizer_sample(spool, np.flatnonzero(split_of == 0),
                                                           o["tokenizer_sample_bytes"], o["seed"], sample),
                                         o["vocab_size"])
-    o["timings"]["tokenizer_training"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    o["stages"].lap("tokenizer_training")
     dtype = token_dtype(tokenizer.vocab_size)
     manifest.update(vocab_size=tokenizer.vocab_size, eos_token=tokenizer.eos_token, eos_token_id=tokenizer.eos_id,
                     tokenizer_sha256=tokenizer.sha256(),
@@ -404,7 +420,7 @@ def _tokenize(spool: Spool, names: list[str], split_of: np.ndarray, copies: np.n
         manifest[split] = rec
     tokenizer.save(tmp)
     manifest["tokenizer_encoder"] = "tiktoken" if tokenizer.fast is not None else "tokenizers"
-    o["timings"]["tokenize_write"] = time.perf_counter() - clock
+    o["stages"].lap("tokenize_write")
 
 
 def _filter_config(args) -> FilterConfig | None:
@@ -527,5 +543,6 @@ def main(argv: list[str] | None = None) -> int:
         cli.log(table(manifest))
         cli.log(f"wrote {args.out}: train {manifest['train']['tokens']:,} tokens, val {manifest['val']['tokens']:,} "
                 f"tokens, vocab {manifest['vocab_size']}")
-    cli.log("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    cli.log("seconds (wall/CPU): " + ", ".join(f"{k} {v:.2f}/{timings[k + '_cpu']:.2f}"
+                                               for k, v in timings.items() if not k.endswith("_cpu")))
     return 0
