@@ -55,6 +55,12 @@ def _bins(grams: np.ndarray) -> np.ndarray:
     return (grams & np.uint64(size - 1)).astype(np.intp)
 
 
+def _word_mass_upper_bound(w: Words, total_chars: int) -> float:
+    """At least the largest (occurrences x characters) of any word over all word characters. An n-gram occurring c
+    times holds each of its words at c distinct places, so its character fraction is at most n times this."""
+    return float(np.bincount(_bins(w.hashes), weights=w.chars).max()) / total_chars
+
+
 def _top_ngram_upper_bound(w: Words, n: int, total_chars: int) -> float:
     """At least top_ngram_char_fraction: buckets merge n-grams, never split them. One pass, no sort."""
     if len(w) < n:
@@ -115,8 +121,10 @@ def failing_filter(text: str, w: Words, cfg: FilterConfig) -> str | None:
         return "duplicate_lines"
     # The cheap upper bounds clear almost every document; the exact (sorting) measure runs only when they do not.
     if on["top_ngram"]:
+        mass = _word_mass_upper_bound(w, total_chars)
         for n, limit in cfg.max_top_ngram_char_fraction.items():
-            if _top_ngram_upper_bound(w, n, total_chars) > limit and top_ngram_char_fraction(w, n, total_chars) > limit:
+            if n * mass > limit and _top_ngram_upper_bound(w, n, total_chars) > limit \
+                    and top_ngram_char_fraction(w, n, total_chars) > limit:
                 return "top_ngram"
     if on["duplicate_ngram"]:
         limits = sorted(cfg.max_duplicate_ngram_char_fraction.items())
