@@ -227,3 +227,14 @@ def test_tokenizer_sample_is_bounded_and_recorded(tmp_path, corpus_dir):
     assert m["tokenizer_sample"]["documents"] >= 1 and m["tokenizer_encoder"] == "tiktoken"
     with pytest.raises(UserError, match="tokenizer-sample-bytes"):
         prepare([str(corpus_dir)], tmp_path / "z", tokenizer_sample_bytes=0)
+
+
+def test_shards_are_the_same_with_the_tokenizers_encoder(tmp_path, corpus_dir, dataset_dir, monkeypatch):
+    # The fixture dataset was encoded by tiktoken; encoding by `tokenizers` itself must give the same bytes.
+    monkeypatch.setattr(TextTokenizer, "fast", property(lambda self: None))
+    out = tmp_path / "hf"
+    m = prepare([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0)
+    assert m["tokenizer_encoder"] == "tokenizers"
+    assert json.loads((dataset_dir / "manifest.json").read_text())["tokenizer_encoder"] == "tiktoken"
+    for f in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (out / f).read_bytes() == (dataset_dir / f).read_bytes(), f
