@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from leangpt import cli, distributed, report
+from leangpt.checkpoint import read_meta
 from leangpt.config import ModelConfig
 from leangpt.data.filters import FilterConfig
 from leangpt.data.prepare import prepare
@@ -207,6 +208,9 @@ class Run:
         t0 = time.perf_counter()
         with atomic_dir(self.path(name)) as tmp:
             result = fn(tmp)
+            if read_meta(tmp).get("metrics", {}).get("interrupted"):  # training stopped by SIGINT / SIGTERM
+                cli.log(f"pipeline: {name} interrupted; the stages done so far are kept (--resume)")
+                raise KeyboardInterrupt
         seconds = time.perf_counter() - t0
         self.state["stages"][name] = {"seconds": seconds, "result": result, "load_average": os.getloadavg()}
         self.save()
@@ -248,7 +252,7 @@ def stage_train(cfg: TrainConfig, device: str, data: Path) -> Callable[[Path], d
     def run(tmp: Path) -> dict[str, Any]:
         tc = dataclasses.replace(cfg, device=device)
         try:
-            final = train(tc, data, tmp, overwrite=True, progress=sys.stderr.isatty())
+            final = train(tc, data, tmp, overwrite=True)
         finally:
             distributed.shutdown()
         return {k: final[k] for k in ("step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "val_loss",
