@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from leangpt.checkpoint import load_checkpoint, load_model, read_meta
 from leangpt.data.shards import Dataset
@@ -62,6 +63,21 @@ def decode_seconds(model: nn.Module, prompt_len: int, new_tokens: int) -> float:
     return (time.perf_counter() - t0) / new_tokens
 
 
+@torch.no_grad()
+def window_nll(model: nn.Module, tokens, block_size: int, max_tokens: int | None) -> torch.Tensor:
+    """Mean next-token NLL of each consecutive window of block_size targets: (windows,), for paired errors."""
+    n = (len(tokens) - 1) // block_size
+    if max_tokens:
+        n = min(n, max_tokens // block_size)
+    ids = torch.from_numpy(tokens[:n * block_size + 1].astype("int64"))
+    x, y = ids[:-1].view(n, block_size), ids[1:].view(n, block_size)
+    out = []
+    for i in range(0, n, 8):
+        logits = model(x[i:i + 8]).float()
+        out.append(F.cross_entropy(logits.transpose(1, 2), y[i:i + 8], reduction="none").mean(1))
+    return torch.cat(out)
+
+
 def ao_dynamic(model_dir: Path, with_head: bool) -> nn.Module:
     model = load_model(model_dir)
     names = set(target_layers(model, with_head))
@@ -74,6 +90,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="its dataset dir (val split scored, train calibrates)")
     p.add_argument("--work", type=Path, default=Path("/tmp/leangpt-bench-quantize"), help="quantized checkpoints go here")
     p.add_argument("--eval-tokens", type=int, default=32768, help="val tokens scored per variant")
+    p.add_argument("--paired-tokens", type=int, default=0,
+                   help="val tokens for the paired GPTQ-vs-RTN NLL comparison (0: the whole split)")
     p.add_argument("--calib-samples", type=int, default=64, help="GPTQ calibration windows of 256 tokens")
     p.add_argument("--prompt-len", type=int, default=16, help="prefill tokens before timing decode")
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timing round")
@@ -124,6 +142,15 @@ def main() -> None:
                           [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)])},
                       "quantize_seconds": quant_seconds.get(name)}
         print(f"{name}: ppl {q['perplexity']:.3f}", flush=True)
+    # GPTQ vs RTN at int4 g64 differ by less than the noise of a short eval: paired per-window differences of
+    # NLL over (by default) the whole val split, with their standard error.
+    nll = {n: window_nll(models[n], tokens, fp32.config.block_size, args.paired_tokens)
+           for n in ("fp32", "int4-g64", "gptq-int4-g64")}
+    paired = {}
+    for a, b in (("int4-g64", "fp32"), ("gptq-int4-g64", "fp32"), ("gptq-int4-g64", "int4-g64")):
+        d = nll[a] - nll[b]
+        paired[f"{a} - {b}"] = {"dnll": float(d.mean()), "se": float(d.std() / len(d) ** 0.5),
+                                "tokens": len(d) * fp32.config.block_size}
     load_before = os.getloadavg()
     for name in order:
         use_decode_linears(models[name])  # as leangpt's Engine does on CPUs (fp32 linears: MKL, best layout)
@@ -151,11 +178,13 @@ def main() -> None:
               f"{size}{r['bits_per_weight']:8.2f}  {r['kernels']}")
     for a in ("int8", "int8+head"):
         print(f"{a} decode vs torch.ao quantize_dynamic on the same layers: {rows[a]['decode_vs_torch_ao']:.2f}x")
+    for k, v in paired.items():
+        print(f"NLL {k}: {v['dnll']:+.5f} ± {v['se']:.5f} nats/token (paired over {v['tokens']} val tokens)")
     print(f"load average (1, 5, 15 min): before timing {load_before}, after {load_after}")
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__},
               "model": str(args.model), "eval_tokens": args.eval_tokens, "rounds": args.rounds,
-              "new_tokens": args.new_tokens, "load_average_before": load_before, "load_average_after": load_after,
+              "new_tokens": args.new_tokens, "paired_nll": paired, "load_average_before": load_before, "load_average_after": load_after,
               "variants": rows}
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
