@@ -85,7 +85,8 @@ def markdown(results: dict[str, Any]) -> str:
     out = [
         "# leangpt pipeline report", "",
         f"`{results['command']}` — started {results['started']}, {results['wall_s'] / 60:.1f} minutes"
-        + (" (resumed: stages from the earlier run kept their times)" if results.get("resumed") else "") + ".", "",
+        + (f" (resumed: the stages, this run's and the earlier run's, took {results['stages_total_s'] / 60:.1f} "
+           f"minutes)" if results.get("resumed") else "") + ".", "",
         busy_note(results), "",
         "## Variants", "",
         variant_table(results), "",
