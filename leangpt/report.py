@@ -106,9 +106,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"seed {config['sample']['seed']}, {sample['tokens']} tokens:", "",
             "```text", sample["prompt"] + sample["text"], "```", ""]
     out += ["## Stages", "", "| stage (RUN/…) | by | seconds | load average (1 min) after |", "|---|---|---|---|"]
-    out += [f"| {name} | {STAGE_COMMANDS.get(name, '')} | {s['seconds']:.1f} | {s['load_average'][0]:.2f} |"
-            for name, s in results["stages"].items()]
-    out += [f"| **total** | | {results['wall_s']:.1f} | |", ""]
+    order = [name for name in STAGE_COMMANDS if name in results["stages"]]
+    out += [f"| {name} | {STAGE_COMMANDS[name]} | {results['stages'][name]['seconds']:.1f} | "
+            f"{results['stages'][name]['load_average'][0]:.2f} |" for name in order]
+    out += [f"| **total** | | {results['stages_total_s']:.1f} | |", ""]
     out += ["## Machine", "",
             f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']} ({m['torch_threads']} threads), "
             f"Python {m['python']}, {m['platform']}" + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + ". "
