@@ -150,3 +150,21 @@ def test_table_has_a_decode_column_per_batch(tiny_run):
     assert "| decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | TTFT ms b1 | peak MB |" in lines[0]
     assert all(line.endswith("| 99,999 |") and "| 1,234.5 |" in line for line in lines[2:])
     assert len(lines) == 2 + len(results["variants"])
+
+
+def test_interrupted_training_stops_the_pipeline(tmp_path, corpus_dir, monkeypatch):
+    """train returns normally after SIGINT (it saves and marks the metrics): the pipeline must not go on with a
+    half-trained model, and keeps the finished stages for --resume."""
+    def stopped_train(cfg, data, out, **kwargs):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "leangpt.json").write_text(json.dumps({"metrics": {"interrupted": "SIGINT"}}))
+        return {"step": 1, "interrupted": "SIGINT"}
+
+    monkeypatch.setattr(pipeline, "train", stopped_train)
+    cfg = pipeline.load_config(TINY, [f"data.source={corpus_dir}"])
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, out)
+    assert (out / "data").is_dir() and not (out / "dense").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert list(json.loads((out / "pipeline.json").read_text())["stages"]) == ["data"]
