@@ -304,3 +304,20 @@ def test_cpu_quantized_checkpoint_runs_on_cuda(quantized, tiny_checkpoint):
     x = torch.randint(0, twin.config.vocab_size, (2, 20), device="cuda")
     with torch.no_grad():
         assert relative_error(model(x), twin(x)) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_every_cuda_kernel_equals_dequantize_then_matmul(scheme):
+    cuda = torch.device("cuda")
+    out_f, in_f = 264, 384  # int4pack-cuda needs in % 128 == 0 and out % 8 == 0
+    gen = torch.Generator().manual_seed(0)
+    qw = quantize_rtn(torch.randn(out_f, in_f, generator=gen), scheme)
+    bias = torch.randn(out_f, generator=gen)
+    names = candidates(scheme, cuda, out_f, in_f)
+    assert scheme.bits == 8 or scheme.group_size == 48 or "int4pack-cuda" in names  # tinygemm: 32/64/128/256
+    for rows in (1, 7):
+        x = torch.randn(rows, in_f, generator=gen).to(cuda)
+        ref = F.linear(x, qw.dequantize().to(cuda), bias.to(cuda))
+        for name in names:
+            assert relative_error(KERNELS[name](qw, bias, cuda)(x), ref) <= TOLERANCE[name], (name, rows)

@@ -114,6 +114,34 @@ class Int4PackCPULinear(QuantLinear):
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros.to(x.dtype))
 
 
+class Int4PackCUDALinear(QuantLinear):
+    """torch._weight_int4pack_mm on CUDA (gpt-fast's tinygemm kernel): int4 group-wise weight-only with bf16
+    activations (the kernel takes no other), the output cast back. Needs in_features % 128 == 0 (8 inner
+    k-tiles of 16) and out_features % 8 == 0. Same (q - 8) · s + m form as the CPU kernel above."""
+
+    kernel = "int4pack-cuda"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self.group_size = qw.scheme.group_size
+        q = qw.int_weight().to(torch.int32)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)  # (out, in/2): even column high
+        self.register_buffer("packed", torch._convert_weight_to_int4pack(pairs, 8), persistent=False)
+        mins = (8 - qw.zeros.float()) * qw.scales
+        sz = torch.stack((qw.scales, mins), dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
+        self.register_buffer("scales_zeros", sz.to(device, torch.bfloat16), persistent=False)
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return (scheme.bits == 4 and device.type == "cuda" and hasattr(torch, "_weight_int4pack_mm")
+                and scheme.group_size in (32, 64, 128, 256) and in_features % 128 == 0
+                and in_features % scheme.group_size == 0 and out_features % 8 == 0)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
+        return y.to(x.dtype)
+
+
 def _fbgemm_prepack(w_int: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                     bias: torch.Tensor | None = None) -> object:
     """Pack per-output-channel affine int8 weights (and the fp32 bias) for torch.ops.quantized.linear_dynamic."""
@@ -274,12 +302,14 @@ class InductorLinear(QuantLinear):
         return (xf @ _inductor_dequant(*w)).to(x.dtype)  # eager: the same computation, uncompiled
 
 KERNELS: dict[str, type[QuantLinear]] = {k.kernel: k for k in (
-    ReferenceLinear, FbgemmLinear, FbgemmGroupsLinear, Int8PackLinear, Int4PackCPULinear, InductorLinear)}
+    ReferenceLinear, FbgemmLinear, FbgemmGroupsLinear, Int8PackLinear, Int4PackCPULinear, Int4PackCUDALinear,
+    InductorLinear)}
 
 # Relative output error a kernel may show against `reference` and still count as correct: float
-# rounding for weight-only kernels, 7-bit dynamic activation quantization for FBGEMM (~1 %).
-TOLERANCE = {"reference": 1e-5, "int8pack": 1e-3, "int4pack": 1e-3, "inductor": 1e-5, "fbgemm": 0.05,
-             "fbgemm-groups": 0.05}
+# rounding for weight-only kernels, bf16 activations for CUDA's int4 kernel, 7-bit dynamic activation
+# quantization for FBGEMM (~1 %).
+TOLERANCE = {"reference": 1e-5, "int8pack": 1e-3, "int4pack": 1e-3, "int4pack-cuda": 0.02, "inductor": 1e-5,
+             "fbgemm": 0.05, "fbgemm-groups": 0.05}
 
 
 def candidates(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> list[str]:
