@@ -73,9 +73,9 @@ def busy_note(results: dict[str, Any]) -> str:
     load = results["load_average_start"][0]
     cores = results["machine"]["cores"] or 1
     if load > cores / 2:
-        return (f"**The machine was shared**: load average {load:.2f} on {cores} cores when the run started, so "
-                f"other processes took CPU time and the speeds below are lower and noisier than on a quiet machine "
-                f"(the ratios between variants, measured back to back, hold better).")
+        return (f"**The machine was likely shared**: load average {load:.2f} on {cores} cores when the run started, "
+                f"so other processes may have taken CPU time, and the speeds below may be lower and noisier than on a "
+                f"quiet machine (the ratios between variants, measured back to back, hold better).")
     return f"Quiet machine: load average {load:.2f} on {cores} cores when the run started."
 
 
