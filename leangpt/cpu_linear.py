@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _onednn_ok(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class DecodeLinear(nn.Linear):
@@ -43,8 +42,8 @@ class DecodeLinear(nn.Linear):
         self._packed_version = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() > x.size(-1) and not torch.is_grad_enabled() and x.dtype == torch.float32
-                and _onednn_ok(self.weight) and not torch.compiler.is_compiling()):
+        if (not torch.compiler.is_compiling() and _ONEDNN and x.numel() > x.size(-1) and not torch.is_grad_enabled()
+                and x.dtype == self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"):
             if self.packed is None or self._packed_version != self.weight._version:
                 self.pack()
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

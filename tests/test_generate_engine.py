@@ -177,6 +177,16 @@ def test_compile_failure_falls_back_to_eager():
         engine.generate([Request([1, 2], 6, GREEDY)])
 
 
+def test_compiled_decode_compiles_and_equals_eager():
+    # A real compilation (inductor's C++ on CPU): a graph break in the decode step would fall back silently.
+    model = tiny()
+    [ref] = Engine(model).generate([Request([1, 2], 6, GREEDY)])
+    engine = Engine(model, compile=True)
+    [got] = engine.generate([Request([1, 2], 6, GREEDY)])
+    assert engine.compile_error is None and engine._decode_compiled is not None
+    assert got.tokens == ref.tokens
+
+
 def test_a_shared_model_keeps_working_across_engines():
     # Another engine (or the speculative decoder) may set up the model's cache in between.
     model = tiny()
