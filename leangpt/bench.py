@@ -8,7 +8,6 @@ budget (no end-of-text stop), after one warm-up run; figures are medians over th
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +24,19 @@ from leangpt.engine import Engine, Request
 from leangpt.errors import UserError
 from leangpt.quant.model import QuantEmbedding, kernels_used
 from leangpt.sampling import SamplingConfig
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss does not
+    (Linux carries the parent's peak through fork + exec, so a child of a large process reported its parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource  # elsewhere (macOS: bytes; not reset at exec either)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def count_params(model: nn.Module) -> int:
@@ -71,7 +83,7 @@ def measure(directory: str, device: str, batch: int, prompt_tokens: int, new_tok
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        peak = peak_rss_mb()
     meta = read_meta(directory)
     record: dict[str, Any] = {
         "model": str(directory), "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
