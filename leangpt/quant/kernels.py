@@ -210,18 +210,24 @@ _COMPILED: dict[tuple, object] = {}  # one compiled kernel per (function, argume
 
 
 def _inductor_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
-    """y = x Wᵀ for one row x (1, in_pad), W (out, in_pad) held as packed (in_pad/2, out) uint8, byte [r, o]
+    """y = x Wᵀ for a few rows x (M, in_pad), W (out, in_pad) held as packed (in_pad/2, out) uint8, byte [r, o]
     holding columns 2r (low nibble) and 2r+1 (high) of row o; scales and scales·zeros (G, out).
-    (q - z)·s = q·s - z·s, reduced over the input columns with the output columns as the vector lanes."""
+    (q - z)·s = q·s - z·s, reduced over the input columns with the output columns as the vector lanes; each row
+    dequantizes again, so this pays only for few rows (GEMV_ROWS)."""
     half, out = packed.shape
-    G = scales.shape[0]
+    G, M = scales.shape[0], x.shape[0]
     p = packed.view(G, half // G, out)  # (G, g/2, out)
     s, sz = scales[:, None, :], szeros[:, None, :]
     w_even = (p & 15).float() * s - sz  # columns 2r
     w_odd = (p >> 4).float() * s - sz  # columns 2r + 1
-    x_even = x[0, 0::2].view(G, half // G, 1)
-    x_odd = x[0, 1::2].view(G, half // G, 1)
-    return (w_even * x_even + w_odd * x_odd).sum((0, 1))[None]  # (1, out)
+    x_even = x[:, 0::2].reshape(M, G, half // G, 1)
+    x_odd = x[:, 1::2].reshape(M, G, half // G, 1)
+    return (w_even * x_even + w_odd * x_odd).sum((1, 2))  # (M, out)
+
+
+# Up to this many rows the fused kernel beats dequantize-then-matmul (measured here, 384x1536 int4 g64: 8 rows
+# 0.25 ms vs 1.1 ms; 16 rows about even).
+GEMV_ROWS = 8
 
 
 def _inductor_dequant(packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
@@ -275,7 +281,8 @@ class InductorLinear(QuantLinear):
         self.register_buffer("qscales", qw.scales.t().contiguous().to(device), persistent=False)  # (G, out)
         szeros = (qw.scales * qw.zeros.float()).t().contiguous()
         self.register_buffer("szeros", szeros.to(device), persistent=False)
-        self._gemv = self._dequant = None  # compiled at first use (once per shape in a process)
+        self._gemv: dict[int, object] = {}  # by row count; compiled at first use (once per shape in a process)
+        self._dequant = None
 
     @staticmethod
     def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
@@ -284,14 +291,16 @@ class InductorLinear(QuantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xf = F.pad(x.float(), (0, self.in_pad - x.shape[1])).contiguous()  # (N, in_pad)
         w = (self.packed, self.qscales, self.szeros)
+        few = xf.shape[0] <= GEMV_ROWS
         if torch.compiler.is_compiling():  # inside a compiled model (Engine(compile=True)): inline the tensor ops
-            return (_inductor_gemv(xf, *w) if xf.shape[0] == 1 else xf @ _inductor_dequant(*w)).to(x.dtype)
+            return (_inductor_gemv(xf, *w) if few else xf @ _inductor_dequant(*w)).to(x.dtype)
         if self.kernel == "inductor":
             try:
-                if xf.shape[0] == 1:
-                    if self._gemv is None:
-                        self._gemv = _compiled(_inductor_gemv, xf, *w)
-                    return self._gemv(xf, *w).to(x.dtype)
+                if few:
+                    rows = xf.shape[0]
+                    if rows not in self._gemv:
+                        self._gemv[rows] = _compiled(_inductor_gemv, xf, *w)
+                    return self._gemv[rows](xf, *w).to(x.dtype)
                 if self._dequant is None:
                     self._dequant = _compiled(_inductor_dequant, *w)
                 return (xf @ self._dequant(*w)).to(x.dtype)
