@@ -263,8 +263,9 @@ def _compiled(fn, *args: torch.Tensor):
 
 class InductorLinear(QuantLinear):
     """int4 groups computed from the packed nibbles by a fused dequantize-and-reduce kernel that torch.compile's
-    inductor generates as vectorised C++ (weights stay 4-bit in memory: 8x fewer bytes than fp32), for one row
-    of activations (decode at batch 1); more rows dequantize the layer once by a compiled kernel, then matmul.
+    inductor generates as vectorised C++ (weights stay 4-bit in memory: 8x fewer bytes than fp32), for up to
+    GEMV_ROWS rows of activations (decode, small batches); more rows dequantize the layer once by a compiled
+    kernel, then matmul.
     Float activations and float accumulation, so it equals dequantize-then-matmul up to float rounding. A
     shorter last group (in_features not a multiple of the group size) is padded with zero columns here."""
 
