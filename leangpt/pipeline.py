@@ -1,9 +1,9 @@
 """`leangpt pipeline`: the main job. prepare → train → variants (int8, GPTQ int4, structured prune, distilled
 student) → eval and bench of every variant → a sample → RUN/report.md and RUN/report.json.
 
-Every stage is the real command run in this process (its library function or its main(argv) with --json; bench
-in a fresh process, see stage_bench), writing into a temporary directory that is renamed to RUN/<stage> when it is
-complete; RUN/pipeline.json records each finished stage, so `--resume` skips those and runs the rest.
+Every stage is the real command run in this process (its library function or its main(argv) with --json),
+writing into a temporary directory that is renamed to RUN/<stage> when it is complete; RUN/pipeline.json
+records each finished stage, so `--resume` skips those and runs the rest.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -343,9 +342,8 @@ def eval_argv(cfg: EvalConfig, device: str, model: Path, data: Path, reference: 
 
 
 def stage_bench(cfg: BenchConfig, device: str, models: dict[str, Path]) -> Callable[[Path], dict[str, Any]]:
-    """`leangpt bench` of every variant, from a fresh small process: bench measures each record in a spawned
-    process by its peak resident memory (ru_maxrss), and Linux carries that figure over from the parent through
-    fork and exec, so from this process (gigabytes after training) every record would read as the pipeline's."""
+    """`leangpt bench` of every variant (each record in its own fresh process, so its peak memory is its own)."""
+    from leangpt import bench
 
     def run(tmp: Path) -> dict[str, Any]:
         argv = [a for path in models.values() for a in ("--model", str(path))]
@@ -354,11 +352,7 @@ def stage_bench(cfg: BenchConfig, device: str, models: dict[str, Path]) -> Calla
                  "--repeats", str(cfg.repeats), "--device", device]
         if cfg.threads:
             argv += ["--threads", str(cfg.threads)]
-        proc = subprocess.run([sys.executable, "-m", "leangpt", "bench", *argv, "--json"], stdout=subprocess.PIPE,
-                              text=True)
-        if proc.returncode:
-            raise UserError(f"bench stage: leangpt bench exited with {proc.returncode} (its message is above)")
-        records = json.loads(proc.stdout.strip().splitlines()[-1])
+        records = run_json(bench, argv)
         (tmp / "results.json").write_text(json.dumps(records, indent=2))
         by_path = {str(p): name for name, p in models.items()}
         out: dict[str, Any] = {name: {} for name in models}

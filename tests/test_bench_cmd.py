@@ -35,6 +35,18 @@ def test_bench_two_models_json(tiny_checkpoint, tmp_path, capsys):
     assert records[1]["quantization"] and sum(records[1]["kernels"].values()) > 0
 
 
+def test_peak_memory_is_the_record_process_own(tiny_checkpoint, capsys):
+    # Linux carries ru_maxrss through fork + exec: a bench run from a large process (the pipeline after
+    # training) must not report that process's peak for every model.
+    ballast = torch.ones(2**28)  # 1 GiB resident in this process
+    ballast += 1
+    code, out, err = run_cli(["bench", "--model", str(tiny_checkpoint), "--batch", "1", "--prompt-tokens", "4",
+                              "--new-tokens", "2", "--repeats", "1", "--threads", "1", "--json"], capsys)
+    del ballast
+    assert code == 0, err
+    assert json.loads(out)[0]["peak_memory_mb"] < 1024
+
+
 def test_params_of_a_swapped_quantized_linear_count_its_weights():
     class Packed(nn.Module):  # a quantized linear keeps no float weight parameter, its bias as a buffer
         in_features, out_features = 8, 4
