@@ -58,17 +58,25 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 
 
 class Engine:
-    """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile)
-    and falls back to eager, with a note in `compile_error`, if compiling fails."""
+    """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile;
+    on a CPU for batch 1 only) and falls back to eager, with a note in `compile_error`, if compiling fails."""
 
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        if self.device.type == "cpu":
-            use_decode_linears(model)
+        on_cpu = self.device.type == "cpu"
+        if on_cpu:
+            use_decode_linears(model, one_row_order=not compile)
         self.compile = compile
         self.compile_error: str | None = None
-        self._decode_compiled = torch.compile(self._decode_eager, fullgraph=True, dynamic=False) if compile else None
+        # On a CPU, lone rows only: several rows decode faster eager, on oneDNN's packed weights (measured in
+        # BENCHMARKS.md), than compiled, where inductor calls MKL. A low realize threshold makes inductor store
+        # a normalised or activated input once instead of recomputing it for every weight row of the next
+        # one-row product (cpu_linear.DecodeLinear).
+        self._compiled_rows = 1 if on_cpu else None
+        options = {"realize_opcount_threshold": 4} if on_cpu else None
+        self._decode_compiled = (torch.compile(self._decode_eager, fullgraph=True, dynamic=False, options=options)
+                                 if compile else None)
         self._compile_errors = _compile_errors() if compile else ()
 
     @property
@@ -82,7 +90,7 @@ class Engine:
         """Logits (B, V) for one new token per row: tokens (B, 1) at input_pos (1,) or (B, 1), every position
         below kv_len if given. Eager attends to those kv_len cache slots only; the compiled step keeps one
         shape, the whole cache."""
-        if self._decode_compiled is not None:
+        if self._decode_compiled is not None and self._compiled_rows in (None, tokens.size(0)):
             try:
                 return self._decode_compiled(tokens, input_pos)
             except self._compile_errors as e:

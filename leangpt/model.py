@@ -76,6 +76,19 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, written out. q: (B, H, 1, D); k, v: (B, Hkv, L, D) with H a multiple of
+    Hkv; mask: True where a key is seen, (1, L) for every row or (B, 1, 1, L) per row. Returns (B, H, 1, D)."""
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    q = q.reshape(B, Hkv, H // Hkv, 1, D)
+    scores = (q * k.unsqueeze(2)).sum(-1) * D ** -0.5  # (B, Hkv, G, L)
+    scores = scores.masked_fill(~mask.view(mask.size(0) if mask.dim() == 4 else 1, 1, 1, -1), float("-inf"))
+    p = scores.softmax(-1)
+    y = (p.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (B, Hkv, G, D)
+    return y.reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -102,13 +115,18 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_len, D)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # only the slots written so far: less to read
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, D)
+        if T == 1 and mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
+            # One query per row in a compiled CPU decode step: products and sums that inductor fuses into its
+            # own loops cost less than a call to SDPA's kernel for so little arithmetic.
+            y = attend_one_query(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.proj(y))
 

@@ -177,14 +177,25 @@ def test_compile_failure_falls_back_to_eager():
         engine.generate([Request([1, 2], 6, GREEDY)])
 
 
-def test_compiled_decode_compiles_and_equals_eager():
+@pytest.mark.parametrize("options", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_compiled_decode_compiles_and_equals_eager(options):
     # A real compilation (inductor's C++ on CPU): a graph break in the decode step would fall back silently.
-    model = tiny()
-    [ref] = Engine(model).generate([Request([1, 2], 6, GREEDY)])
-    engine = Engine(model, compile=True)
+    model = tiny(**options)
+    eager = Engine(model)  # lays the wider-than-tall weights out (in, out) for MKL's one-row product
+    refs = eager.generate([Request([1, 2], 6, GREEDY), Request([3], 9, GREEDY)])
+    engine = Engine(model, compile=True)  # and back to (out, in) for the compiled one-row reduction
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Linear))
     [got] = engine.generate([Request([1, 2], 6, GREEDY)])
     assert engine.compile_error is None and engine._decode_compiled is not None
-    assert got.tokens == ref.tokens
+    assert got.tokens == refs[0].tokens
+    # The compiled step's logits, not only its argmax; then a batch of two, which runs eager on a CPU.
+    with torch.inference_mode():
+        engine.setup_cache(1, 16)  # the shape the generation above compiled for
+        model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        tok, pos = torch.tensor([[4]]), torch.tensor([3])
+        torch.testing.assert_close(engine.decode(tok, pos), engine._decode_eager(tok, pos), atol=1e-5, rtol=1e-4)
+    assert [c.tokens for c in engine.generate([Request([1, 2], 6, GREEDY), Request([3], 9, GREEDY)])] == \
+        [r.tokens for r in refs]
 
 
 def test_a_shared_model_keeps_working_across_engines():

@@ -9,7 +9,7 @@ from leangpt import hf
 from leangpt.checkpoint import load_model
 from leangpt.config import PRESETS, ModelConfig
 from leangpt.errors import UserError
-from leangpt.model import GPT
+from leangpt.model import GPT, attend_one_query
 
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1, tie_embeddings=False)
 
@@ -100,3 +100,19 @@ def test_bad_model_configs_are_user_errors():
         ModelConfig(n_embd=100, n_head=3)
     with pytest.raises(UserError, match="no Hugging Face format"):
         hf.hf_model_type(ModelConfig(norm="rmsnorm"))
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,per_row", [(4, 4, False), (4, 2, True), (6, 1, True)])
+def test_one_query_attention_equals_sdpa(n_head, n_kv_head, per_row):
+    # The compiled CPU decode step's written-out attention, against SDPA with grouped-query heads and masks.
+    torch.manual_seed(0)
+    B, L, D = 3, 20, 16
+    q = torch.randn(B, n_head, 1, D)
+    k, v = torch.randn(B, n_kv_head, L, D), torch.randn(B, n_kv_head, L, D)
+    pos = torch.tensor([[4], [19], [0]]) if per_row else torch.tensor([11])
+    mask = torch.arange(L) <= pos[..., None]  # as GPT.forward_hidden builds it
+    if per_row:
+        mask = mask.unsqueeze(1)  # (B, 1, 1, L)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           enable_gqa=n_kv_head != n_head)
+    torch.testing.assert_close(attend_one_query(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
