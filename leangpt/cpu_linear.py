@@ -17,18 +17,38 @@ packed copy for several rows: decoding holds the linear weights twice in memory.
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()
+_MODULES: "weakref.WeakValueDictionary[int, DecodeLinear]" = weakref.WeakValueDictionary()  # for packed_linear
+_handles = itertools.count()
+
+
+@torch.library.custom_op("leangpt::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+    """The product of DecodeLinear `handle` on its oneDNN-packed weight, as one opaque call that a compiled
+    graph can hold (inductor cannot take the packed tensor itself)."""
+    module = _MODULES.get(handle)
+    if module is None or module.weight.data_ptr() != weight.data_ptr():  # never a stale copy
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, module.packed_weight(), bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.size(0))
 
 
 class DecodeLinear(nn.Linear):
     """nn.Linear sharing the original module's parameters, with a oneDNN-packed weight for several rows.
 
-    The packed copy is used only without autograd and outside torch.compile (inductor picks its own), and is rebuilt if the weight was modified in place since
+    The packed copy is used only without autograd, and is rebuilt if the weight was modified in place since
     packing (its version counter moved), so training between generations stays correct."""
 
     packed: torch.Tensor | None = None
@@ -38,26 +58,29 @@ class DecodeLinear(nn.Linear):
     def wrap(cls, linear: nn.Linear) -> "DecodeLinear":
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias  # the same Parameters: ties and state dicts hold
+        new.handle = next(_handles)
+        _MODULES[new.handle] = new
         return new
 
-    def pack(self) -> None:
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous(), 8)
-        self._packed_version = self.weight._version
+    def packed_weight(self) -> torch.Tensor:
+        if self.packed is None or self._packed_version != self.weight._version:
+            with torch.no_grad():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous(), 8)
+            self._packed_version = self.weight._version
+        return self.packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            if x.numel() == x.size(-1) and self.weight.is_contiguous():
-                # One row, compiled: a multiply-and-sum that inductor fuses into one vectorised, threaded
-                # reduction over contiguous weight rows (bias and activation fused in), not an MKL call.
-                y = (x.unsqueeze(-2) * self.weight).sum(-1)
-                return y if self.bias is None else y + self.bias
-            return F.linear(x, self.weight, self.bias)
-        if (_ONEDNN and x.numel() > x.size(-1) and not torch.is_grad_enabled()
+        one_row = x.numel() == x.size(-1)
+        if torch.compiler.is_compiling() and one_row and self.weight.is_contiguous():
+            # One row, compiled: a multiply-and-sum that inductor fuses into one vectorised, threaded
+            # reduction over contiguous weight rows (bias and activation fused in), not an MKL call.
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)
+            return y if self.bias is None else y + self.bias
+        if (_ONEDNN and not one_row and not torch.is_grad_enabled()
                 and x.dtype == self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"):
-            if self.packed is None or self._packed_version != self.weight._version:
-                self.pack()
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            if torch.compiler.is_compiling():
+                return packed_linear(x, self.weight, self.bias, self.handle)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 

@@ -58,8 +58,8 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 
 
 class Engine:
-    """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile;
-    on a CPU for batch 1 only) and falls back to eager, with a note in `compile_error`, if compiling fails."""
+    """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile)
+    and falls back to eager, with a note in `compile_error`, if compiling fails."""
 
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model.eval()
@@ -69,14 +69,17 @@ class Engine:
             use_decode_linears(model, one_row_order=not compile)
         self.compile = compile
         self.compile_error: str | None = None
-        # On a CPU, lone rows only: several rows decode faster eager, on oneDNN's packed weights (measured in
-        # BENCHMARKS.md), than compiled, where inductor calls MKL. A low realize threshold makes inductor store
-        # a normalised or activated input once instead of recomputing it for every weight row of the next
-        # one-row product (cpu_linear.DecodeLinear).
-        self._compiled_rows = 1 if on_cpu else None
-        options = {"realize_opcount_threshold": 4} if on_cpu else None
-        self._decode_compiled = (torch.compile(self._decode_eager, fullgraph=True, dynamic=False, options=options)
-                                 if compile else None)
+        self._compiled_one = self._compiled_rows = None
+        if compile:
+            # A low realize threshold makes inductor store a normalised or activated input once instead of
+            # recomputing it for every weight row of the next one-row product (cpu_linear.DecodeLinear).
+            options = {"realize_opcount_threshold": 4} if on_cpu else None
+            self._compiled_one = torch.compile(self._decode_one, fullgraph=True, dynamic=False, options=options)
+            # Several rows on a CPU read the written cache slots only, as eager does: at batch 8 the whole
+            # cache is comparable to the weights. kv_len turns symbolic on its first change (one recompile).
+            self._compiled_rows = torch.compile(self._decode_rows, fullgraph=True, dynamic=None if on_cpu else False,
+                                                options=options)
+        self._rows_kv_len = on_cpu
         self._compile_errors = _compile_errors() if compile else ()
 
     @property
@@ -86,17 +89,27 @@ class Engine:
     def _decode_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         return self.model(tokens, input_pos, kv_len)[:, -1]  # (B, V)
 
+    # The same step twice: dynamo keeps compiled graphs per code object, so the one-row graph stays static
+    # while the several-row graph may take a symbolic kv_len and batch.
+    def _decode_one(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+        return self.model(tokens, input_pos, kv_len)[:, -1]
+
+    def _decode_rows(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+        return self.model(tokens, input_pos, kv_len)[:, -1]
+
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """Logits (B, V) for one new token per row: tokens (B, 1) at input_pos (1,) or (B, 1), every position
-        below kv_len if given. Eager attends to those kv_len cache slots only; the compiled step keeps one
-        shape, the whole cache."""
-        if self._decode_compiled is not None and self._compiled_rows in (None, tokens.size(0)):
+        below kv_len if given. Eager, and compiled several rows on a CPU, attend to those kv_len cache slots
+        only; other compiled steps keep one shape, the whole cache."""
+        one = tokens.size(0) == 1
+        compiled = self._compiled_one if one else self._compiled_rows
+        if compiled is not None:
             try:
-                return self._decode_compiled(tokens, input_pos)
+                return compiled(tokens, input_pos, kv_len if self._rows_kv_len and not one else None)
             except self._compile_errors as e:
                 # Compilation failed (tracing, no C++ compiler, ...): run eager from now on, and say why.
                 self.compile_error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                self._decode_compiled = None
+                self._compiled_one = self._compiled_rows = None
         return self._decode_eager(tokens, input_pos, kv_len)
 
     def setup_cache(self, batch: int, max_len: int) -> None:

@@ -163,16 +163,16 @@ def test_compile_failure_falls_back_to_eager():
         raise TorchDynamoException("backend='inductor' raised:\nCppCompileError: no C++ compiler")
 
     engine = Engine(model, compile=True)
-    engine._decode_compiled = failed_compilation
+    engine._compiled_one = failed_compilation
     [got] = engine.generate([Request([1, 2], 6, GREEDY)])
-    assert got.tokens == ref.tokens and engine._decode_compiled is None
+    assert got.tokens == ref.tokens and engine._compiled_one is None and engine._compiled_rows is None
     assert engine.compile_error == "TorchDynamoException: backend='inductor' raised: CppCompileError: no C++ compiler"
 
     def bug(*args):  # anything else is a bug and is not hidden by the fallback
         raise IndexError("index 132 is out of bounds")
 
     engine = Engine(model, compile=True)
-    engine._decode_compiled = bug
+    engine._compiled_one = bug
     with pytest.raises(IndexError):
         engine.generate([Request([1, 2], 6, GREEDY)])
 
@@ -186,16 +186,23 @@ def test_compiled_decode_compiles_and_equals_eager(options):
     engine = Engine(model, compile=True)  # and back to (out, in) for the compiled one-row reduction
     assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Linear))
     [got] = engine.generate([Request([1, 2], 6, GREEDY)])
-    assert engine.compile_error is None and engine._decode_compiled is not None
+    assert engine.compile_error is None and engine._compiled_one is not None
     assert got.tokens == refs[0].tokens
-    # The compiled step's logits, not only its argmax; then a batch of two, which runs eager on a CPU.
+    # The compiled steps' logits, not only their argmax: one row, and several rows at their own positions
+    # (oneDNN's product as an opaque op, the written cache slots only).
     with torch.inference_mode():
         engine.setup_cache(1, 16)  # the shape the generation above compiled for
         model(torch.tensor([[1, 2, 3]]), torch.arange(3))
         tok, pos = torch.tensor([[4]]), torch.tensor([3])
         torch.testing.assert_close(engine.decode(tok, pos), engine._decode_eager(tok, pos), atol=1e-5, rtol=1e-4)
-    assert [c.tokens for c in engine.generate([Request([1, 2], 6, GREEDY), Request([3], 9, GREEDY)])] == \
-        [r.tokens for r in refs]
+        engine.setup_cache(2, 16)
+        model(torch.tensor([[1, 2, 3], [5, 6, 0]]), torch.arange(3).expand(2, 3))
+        tok, pos = torch.tensor([[4], [7]]), torch.tensor([[3], [2]])
+        for kv_len in (4, 5):  # the second length compiles a symbolic one
+            torch.testing.assert_close(engine.decode(tok, pos, kv_len), engine._decode_eager(tok, pos, kv_len),
+                                       atol=1e-5, rtol=1e-4)
+    got = engine.generate([Request([1, 2], 6, GREEDY), Request([3], 9, GREEDY)])
+    assert engine.compile_error is None and [c.tokens for c in got] == [r.tokens for r in refs]
 
 
 def test_a_shared_model_keeps_working_across_engines():
