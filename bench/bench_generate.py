@@ -82,10 +82,20 @@ def leangpt_run(engine: Engine, prompts: torch.Tensor, new: int) -> tuple[torch.
     return torch.tensor([c.tokens for c in gen.completions]), total, gen.prefill_s
 
 
+HF_COMPILE: dict[str, Any] = {}  # extra generate() arguments: transformers' own compiled decoding (--hf-compile)
+
+
+def hf_compile_arguments() -> dict[str, Any]:
+    """A static cache and an automatically compiled forward, which transformers enables by itself on GPUs only."""
+    config = transformers.CompileConfig()
+    config._compile_all_devices = True  # transformers' switch for compiling on other devices (CPU here)
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def hf_run(model, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=new,
-                         min_new_tokens=new, pad_token_id=0)
+                         min_new_tokens=new, pad_token_id=0, **HF_COMPILE)
     return out[:, prompts.size(1):], time.perf_counter() - t0
 
 
@@ -157,6 +167,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up")
     ap.add_argument("--compile", action="store_true", help="torch.compile leangpt's decode step")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="transformers with a static cache and its compiled forward too (default: plain generate())")
     ap.add_argument("--threads", type=int, help="torch threads for both (default: torch's choice)")
     ap.add_argument("--spec-target", type=Path, help="target checkpoint for the speculative decoding figures")
     ap.add_argument("--spec-draft", type=Path, help="draft checkpoint (same tokenizer) for them")
@@ -165,6 +177,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.hf_compile:
+        HF_COMPILE.update(hf_compile_arguments())
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.model or Path(tmp)
         if args.model is None:
@@ -180,11 +194,13 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "params": model.num_params(), "compile": args.compile and engine.compile_error is None,
+        "transformers_compile": args.hf_compile,
         "compile_error": engine.compile_error,
         "weight_bytes_per_token": wbytes, "copy_bandwidth_gb_s": bandwidth / 1e9,
         "batch1_bandwidth_bound_tokens_per_s": bandwidth / wbytes, "rows": rows,
     }
     print(f"threads {result['threads']}, params {result['params']:,}, compile {result['compile']}, "
+          f"transformers compiled {args.hf_compile}, "
           f"weights/token {wbytes / 2**20:.1f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"-> batch-1 bound {bandwidth / wbytes:.0f} tokens/s")
     print(f"{'batch':>5} {'leangpt tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} {'leangpt decode':>15} "
