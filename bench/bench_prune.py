@@ -6,8 +6,9 @@ model it came from (the peer), in this one process:
   unstructured 50 %   magnitude (per layer and global), Wanda, SparseGPT: perplexity, no recovery
   N:M 2:4             the same three scores
   structured          --heads / --neurons removed (`leangpt prune --method structured` as a user runs it),
-                      perplexity before and after --recover-steps of LM-loss recovery, and batch-1 decode speed
-                      (KV cache, greedy, median of repeats) against the dense model
+                      perplexity before and after --recover-steps of LM-loss recovery, and decode speed
+                      (leangpt's engine, eager and compiled, batch 1 and 8, greedy, 16-token prompts, 128 new
+                      tokens, after the first token, median of paired repeats) against the dense model
   sparse kernels      one 50 %-sparse layer as torch CSR vs the dense matmul with zeros, decode (1 row) and
                       prefill (2048 rows) shapes, at several sparsities
 
@@ -32,10 +33,12 @@ import torch.nn.functional as F
 from leangpt.calibration import calibration_tokens
 from leangpt.checkpoint import load_checkpoint
 from leangpt.data.shards import Dataset
+from leangpt.engine import Engine, Request
 from leangpt.evaluate import evaluate_tokens
 from leangpt.model import GPT
 from leangpt.prune import main as prune_main
 from leangpt.prune import prune_model
+from leangpt.sampling import SamplingConfig
 
 
 def paired_medians(fns: list, repeats: int) -> list[float]:
@@ -45,29 +48,27 @@ def paired_medians(fns: list, repeats: int) -> list[float]:
     for r in range(repeats + 1):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
-            fn()
+            seconds = fn()  # a fn may time its own part (decoding after the first token)
             if r:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(time.perf_counter() - t0 if seconds is None else seconds)
     return [statistics.median(t) for t in times]
 
 
-def decoder(model: GPT, prompt_len: int = 16, new_tokens: int = 128):
-    """A function that runs batch-1 greedy decoding with the KV cache (prefill once, then one token per
-    forward), and the number of tokens it decodes."""
-    model.eval()
+def decoder(model: GPT, batch: int, compile: bool, prompt_len: int = 16, new_tokens: int = 128):
+    """A function that decodes `batch` rows greedily with leangpt's engine (as `leangpt generate` and `bench`
+    do), compiled or not, and returns the seconds after the first token; and the tokens decoded in them."""
+    engine = Engine(model, compile=compile)
     new_tokens = min(new_tokens, model.config.block_size - prompt_len)
-    total = prompt_len + new_tokens
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    requests = [Request(p, new_tokens, SamplingConfig(temperature=0)) for p in prompts.tolist()]
 
-    @torch.no_grad()
-    def run() -> None:
-        model.setup_cache(1, total)
-        logits = model(prompt, torch.arange(prompt_len))[:, -1]
-        for pos in range(prompt_len, total):
-            nxt = logits.argmax(-1, keepdim=True)  # (1, 1)
-            logits = model(nxt, torch.tensor([pos]))[:, -1]
+    def run() -> float:
+        gen = engine.start(requests)
+        gen.run(sync_every=new_tokens)
+        return gen.decode_s
 
-    return run, new_tokens
+    run()  # compiles, when compiling, before the timed rounds
+    return run, batch * (new_tokens - 1)
 
 
 @torch.no_grad()
@@ -178,14 +179,18 @@ def main() -> None:
 
     if "speed" not in args.skip:
         small, _, _ = load_checkpoint(structured_dir, "cpu")  # made by the structured section (this or an earlier run)
-        (run_dense, n), (run_small, _) = decoder(dense), decoder(small)
-        dense_s, small_s = paired_medians([run_dense, run_small], args.decode_repeats)
-        results["speed"] = {"threads": torch.get_num_threads(), "decode_tokens": n,
-                            "dense_decode_tokens_per_s": n / dense_s, "structured_decode_tokens_per_s": n / small_s,
-                            "decode_speedup": dense_s / small_s,
-                            "params_ratio": small.num_params() / dense.num_params()}
-        print(f"batch-1 decode, {torch.get_num_threads()} threads: structured {n / small_s:.1f} vs dense "
-              f"{n / dense_s:.1f} tokens/s ({dense_s / small_s:.2f}x)", flush=True)
+        results["speed"] = []
+        for compile in (False, True):
+            for batch in (1, 8):
+                (run_dense, n), (run_small, _) = decoder(dense, batch, compile), decoder(small, batch, compile)
+                dense_s, small_s = paired_medians([run_dense, run_small], args.decode_repeats)
+                results["speed"].append({
+                    "threads": torch.get_num_threads(), "compile": compile, "batch": batch, "decode_tokens": n,
+                    "dense_tokens_per_s": n / dense_s, "structured_tokens_per_s": n / small_s,
+                    "speedup": dense_s / small_s, "params_ratio": small.num_params() / dense.num_params()})
+                print(f"batch-{batch} decode, {'compiled' if compile else 'eager'}, {torch.get_num_threads()} "
+                      f"threads: structured {n / small_s:.1f} vs dense {n / dense_s:.1f} tokens/s "
+                      f"({dense_s / small_s:.2f}x)", flush=True)
 
     if "kernels" not in args.skip:
         weight = dense.blocks[0].mlp.fc.weight.detach()  # (intermediate, n_embd)
