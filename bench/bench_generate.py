@@ -82,9 +82,6 @@ def leangpt_run(engine: Engine, prompts: torch.Tensor, new: int) -> tuple[torch.
     return torch.tensor([c.tokens for c in gen.completions]), total, gen.prefill_s
 
 
-HF_COMPILE: dict[str, Any] = {}  # extra generate() arguments: transformers' own compiled decoding (--hf-compile)
-
-
 def hf_compile_arguments() -> dict[str, Any]:
     """A static cache and an automatically compiled forward, which transformers enables by itself on GPUs only."""
     config = transformers.CompileConfig()
@@ -92,22 +89,24 @@ def hf_compile_arguments() -> dict[str, Any]:
     return {"cache_implementation": "static", "compile_config": config}
 
 
-def hf_run(model, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, float]:
+def hf_run(model, prompts: torch.Tensor, new: int, extra: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """transformers' greedy generate(), with `extra` arguments (hf_compile_arguments() or none)."""
     t0 = time.perf_counter()
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=new,
-                         min_new_tokens=new, pad_token_id=0, **HF_COMPILE)
+                         min_new_tokens=new, pad_token_id=0, **extra)
     return out[:, prompts.size(1):], time.perf_counter() - t0
 
 
-def bench_batch(ours: Engine, ref, batch: int, prompt_len: int, new: int, repeats: int) -> dict[str, Any]:
+def bench_batch(ours: Engine, ref, hf_extra: dict[str, Any], batch: int, prompt_len: int, new: int,
+                repeats: int) -> dict[str, Any]:
     vocab = ours.model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     t_ours, t_ttft, t_hf, t_hf_first = [], [], [], []
     with torch.inference_mode():
         for r in range(repeats + 1):  # round 0 is the warm-up (and compilation when enabled)
             tokens, total, ttft = leangpt_run(ours, prompts, new)
-            ref_tokens, hf_total = hf_run(ref, prompts, new)
-            _, hf_first = hf_run(ref, prompts, 1)  # transformers' time to first token, for its decode rate
+            ref_tokens, hf_total = hf_run(ref, prompts, new, hf_extra)
+            _, hf_first = hf_run(ref, prompts, 1, hf_extra)  # transformers' time to first token, for its decode rate
             if not torch.equal(tokens, ref_tokens):
                 rows = (tokens != ref_tokens).any(1).nonzero().flatten().tolist()
                 raise AssertionError(f"batch {batch}: greedy tokens differ from transformers in rows {rows}")
@@ -177,8 +176,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.hf_compile:
-        HF_COMPILE.update(hf_compile_arguments())
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.model or Path(tmp)
         if args.model is None:
@@ -188,7 +185,9 @@ def main() -> None:
     engine = Engine(model, compile=args.compile)
     bandwidth = copy_bandwidth()
     wbytes = weight_bytes_per_token(model)
-    rows = [bench_batch(engine, ref, b, args.prompt_tokens, args.new_tokens, args.repeats) for b in args.batch]
+    hf_extra = hf_compile_arguments() if args.hf_compile else {}
+    rows = [bench_batch(engine, ref, hf_extra, b, args.prompt_tokens, args.new_tokens, args.repeats)
+            for b in args.batch]
     bandwidth = max(bandwidth, copy_bandwidth())  # measured before and after: the less disturbed figure
     result = {
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -76,12 +76,11 @@ class Engine:
             # the generated code's size asserts (dynamo's guards check the inputs already) a batch-1 step takes
             # 0.08 ms less, ~4 %.
             options = {"realize_opcount_threshold": 4, "size_asserts": False} if on_cpu else None
-            self._compiled_one = torch.compile(self._decode_one, fullgraph=True, dynamic=False, options=options)
+            self._compiled_one = torch.compile(self._decode_eager, fullgraph=True, dynamic=False, options=options)
             # Several rows on a CPU read the written cache slots only, as eager does: at batch 8 the whole
             # cache is comparable to the weights. kv_len turns symbolic on its first change (one recompile).
             self._compiled_rows = torch.compile(self._decode_rows, fullgraph=True, dynamic=None if on_cpu else False,
                                                 options=options)
-        self._rows_kv_len = on_cpu
         self._compile_errors = _compile_errors() if compile else ()
 
     @property
@@ -91,11 +90,8 @@ class Engine:
     def _decode_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         return self.model(tokens, input_pos, kv_len)[:, -1]  # (B, V)
 
-    # The same step twice: dynamo keeps compiled graphs per code object, so the one-row graph stays static
-    # while the several-row graph may take a symbolic kv_len and batch.
-    def _decode_one(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
-        return self.model(tokens, input_pos, kv_len)[:, -1]
-
+    # The same step again: dynamo keeps compiled graphs per code object, so the one-row graph (compiled from
+    # _decode_eager) stays static while the several-row graph may take a symbolic kv_len and batch.
     def _decode_rows(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
         return self.model(tokens, input_pos, kv_len)[:, -1]
 
@@ -107,7 +103,7 @@ class Engine:
         compiled = self._compiled_one if one else self._compiled_rows
         if compiled is not None:
             try:
-                return compiled(tokens, input_pos, kv_len if self._rows_kv_len and not one else None)
+                return compiled(tokens, input_pos, kv_len if self.device.type == "cpu" and not one else None)
             except self._compile_errors as e:
                 # Compilation failed (tracing, no C++ compiler, ...): run eager from now on, and say why.
                 self.compile_error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
