@@ -53,7 +53,7 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class TrainConfig:
     preset: str = "small-cpu"  # model preset when training from scratch
-    model: dict[str, Any] = field(default_factory=dict)  # model config overrides, e.g. model.n_layer=4
+    model: dict[str, Any] = field(default_factory=dict, metadata={"schema": ModelConfig})  # model config overrides, e.g. model.n_layer=4
     batch_size: int = 16  # sequences per micro-batch (per process)
     block_size: int | None = None  # context length; None means the model's block_size
     grad_accum: int = 1  # micro-batches per optimizer step (per process)
