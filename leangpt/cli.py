@@ -39,12 +39,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, choices: typing.Sequence[Any] | None = None,
             required: bool = False, metavar: str | None = None, schema: type | None = None,
-            cli: bool = True) -> Any:
+            cli: bool = True, flatten: bool = False) -> Any:
     """A settings field. `flag` overrides the flag name (default `--field-name`; for a bool that defaults to
     True, `--no-field-name`); `required` is checked after --config and --set, so a config file can supply it;
-    `schema` types the keys of a dict field; `cli=False` leaves the field to --config / --set only."""
+    `schema` types the keys of a dict field; `cli=False` leaves the field to --config / --set only;
+    `flatten` makes a nested dataclass's keys reachable without its prefix too (`--set lr=...` for
+    `recovery.lr`) where the outer settings have no field of that name."""
     meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None,
-            "required": required, "metavar": metavar, "schema": schema, "cli": cli}
+            "required": required, "metavar": metavar, "schema": schema, "cli": cli, "flatten": flatten}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
         copy = (lambda: type(value)(value)) if isinstance(value, (list, dict)) else (lambda: dataclasses.replace(value))
@@ -138,6 +140,9 @@ def _set_field(obj: Any, key: str, value: Any, prefix: str = "") -> None:
     head, _, rest = key.partition(".")
     fields = _fields(obj)
     if head not in fields:
+        for f in fields.values():
+            if f.metadata.get("flatten") and head in _fields(getattr(obj, f.name)):
+                return _set_field(getattr(obj, f.name), key, value, f"{prefix}{f.name}.")
         raise UserError(f"unknown setting {prefix + key!r}; known: {', '.join(sorted(fields))}")
     f, typ = fields[head], _hints(obj)[head]
     if rest:
