@@ -86,6 +86,7 @@ def quantize(s: QuantizeSettings) -> dict[str, Any]:
     size = (s.out / "model.safetensors").stat().st_size
     parent_size = sum(f.stat().st_size for f in s.model.glob("model*.safetensors"))
     return {"out": str(s.out), "method": s.method, "scheme": scheme.name, "layers": len(qweights),
+            "quantized_layers": sorted(qweights), "tied_embeddings": model.config.tie_embeddings,
             "bits_per_weight": bits_per_weight(qweights), "size_bytes": size, "parent_size_bytes": parent_size,
             "size_ratio": size / parent_size if parent_size else None, "seconds": seconds}
 

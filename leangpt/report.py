@@ -24,12 +24,11 @@ def describe(name: str, variant: dict[str, Any], config: dict[str, Any]) -> str:
         t = config["train"]
         return (f"`{t['preset']}` trained {stage.get('step', t['max_steps'])} steps × {t['batch_size']} sequences "
                 f"({stage.get('compute_dtype', '?')} compute), stored fp32")
-    if name == "int8":
-        return "int8 weights per output channel, round-to-nearest; embedding and head fp32"
-    if name == "gptq-int4":
+    if name in ("int8", "gptq-int4"):
         q = config["quantize"]
-        return (f"int4 weights in groups of {q['group_size']} by GPTQ ({q['calib_samples']} calibration windows); "
-                f"embedding and head fp32")
+        how = ("int8 weights per output channel, round-to-nearest" if name == "int8" else
+               f"int4 weights in groups of {q['group_size']} by GPTQ ({q['calib_samples']} calibration windows)")
+        return f"{how}; {float_parts(stage.get('quantized_layers'), stage.get('tied_embeddings', True))}"
     if name == "pruned":
         p = config["prune"]
         heads, neurons = stage.get("heads", []), stage.get("neurons", [])
@@ -41,6 +40,18 @@ def describe(name: str, variant: dict[str, Any], config: dict[str, Any]) -> str:
         layers = d["student_layers"] or "every other block"
         return f"student of the dense model's blocks ({layers}), {d['max_steps']} distillation steps"
     return ""
+
+
+def float_parts(layers: list[str] | None, tied: bool) -> str:
+    """What a quantized checkpoint keeps in full precision, from the layers its metadata lists as quantized."""
+    if layers is None:
+        return "embedding and head as stored in the checkpoint"
+    embedding, head = "tok_emb" in layers, "lm_head" in layers or (tied and "tok_emb" in layers)
+    if embedding and head:
+        return "embedding and head quantized too"
+    if embedding or head:
+        return f"{'embedding' if embedding else 'head'} quantized, {'head' if embedding else 'embedding'} fp32"
+    return "embedding and head fp32"
 
 
 def variant_table(results: dict[str, Any]) -> str:
