@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from leangpt.checkpoint import load_checkpoint, read_meta
-from leangpt.data.prepare import prepare
+from leangpt.data.prepare import PrepareSettings, prepare
 from leangpt.data.shards import Dataset
 from leangpt.distill import DistillTrainConfig, distill
 from leangpt.evaluate import evaluate_tokens
@@ -73,7 +73,7 @@ def main() -> None:
 
     data = args.data or args.work / "data"
     if not data.exists():
-        prepare(["shakespeare"], data)
+        prepare(PrepareSettings(source=["shakespeare"], out=data, filters_enabled=False))
     common = dict(batch_size=args.batch_size, block_size=args.block_size, eval_tokens=args.eval_tokens, seed=1337)
 
     teacher = args.teacher or args.work / "teacher"

@@ -43,10 +43,11 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory, corpus_dir) -> Path:
-    from leangpt.data.prepare import prepare
+    from leangpt.data.prepare import PrepareSettings, prepare
 
     out = tmp_path_factory.mktemp("data") / "ds"
-    prepare([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0)
+    prepare(PrepareSettings(source=[str(corpus_dir)], out=out, vocab_size=512, val_fraction=0.2, seed=0,
+                            filters_enabled=False, workers=1))
     return out
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from leangpt.data.clean import clean
-from leangpt.data.filters import (FilterConfig, duplicate_line_char_fraction, duplicate_ngram_char_fraction,
+from leangpt.data.filters import (FilterSettings, duplicate_line_char_fraction, duplicate_ngram_char_fraction,
                                   failing_filter, top_ngram_char_fraction)
 from leangpt.data.words import words
 from tests.conftest import WORDS
@@ -76,15 +76,15 @@ GOOD = text_of(200)
     (text_of(100, 1) + " " + text_of(30, 2) + " " + text_of(30, 2), "duplicate_ngram"),
 ])
 def test_each_filter_removes_its_documents(text, expected):
-    cfg = FilterConfig()
+    cfg = FilterSettings()
     assert failing_filter(text, words(text), cfg) == expected
     if expected:
-        cfg.enabled[expected] = False
+        setattr(cfg.enabled, expected, False)
         assert failing_filter(text, words(text), cfg) != expected
 
 
 def test_thresholds_are_settings():
-    cfg = FilterConfig(min_words=10)
+    cfg = FilterSettings(min_words=10)
     assert failing_filter(text_of(20), words(text_of(20)), cfg) is None
 
 

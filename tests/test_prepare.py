@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 
 from leangpt.data.clean import normalize, strip_gutenberg
-from leangpt.data.prepare import prepare
-from leangpt.data.sources import ReadOptions
+from leangpt.data.prepare import PrepareSettings, prepare
 from leangpt.data.shards import Dataset
 from leangpt.data.tokenizer import TextTokenizer
 from leangpt.errors import UserError
 from tests.conftest import WORDS, run_cli
+
+
+def settings(sources: list[str], out: Path, **kw) -> PrepareSettings:
+    """The settings these tests were written for: no quality filters, one worker process."""
+    return PrepareSettings(source=sources, out=out, **({"filters_enabled": False, "workers": 1} | kw))
 
 
 def test_manifest_and_shards(dataset_dir):
@@ -32,17 +36,17 @@ def test_split_is_by_document_and_deterministic(dataset_dir, corpus_dir, tmp_pat
     m = json.loads((dataset_dir / "manifest.json").read_text())
     assert not set(m["train"]["names"]) & set(m["val"]["names"])
     again = tmp_path / "again"
-    prepare([str(corpus_dir)], again, vocab_size=512, val_fraction=0.2, seed=0)
+    prepare(settings([str(corpus_dir)], again, vocab_size=512, val_fraction=0.2, seed=0))
     for f in ("train.bin", "val.bin", "tokenizer.json"):
         assert (again / f).read_bytes() == (dataset_dir / f).read_bytes()
     other = tmp_path / "other"
-    prepare([str(corpus_dir)], other, vocab_size=512, val_fraction=0.2, seed=5)
+    prepare(settings([str(corpus_dir)], other, vocab_size=512, val_fraction=0.2, seed=5))
     assert json.loads((other / "manifest.json").read_text())["val"]["names"] != m["val"]["names"]
 
 
 def test_reuses_a_tokenizer(tmp_path, dataset_dir, corpus_dir):
     out = tmp_path / "reuse"
-    m = prepare([str(corpus_dir)], out, tokenizer_path=dataset_dir)
+    m = prepare(settings([str(corpus_dir)], out, tokenizer=dataset_dir))
     assert m["tokenizer_sha256"] == json.loads((dataset_dir / "manifest.json").read_text())["tokenizer_sha256"]
 
 
@@ -136,7 +140,7 @@ def test_same_output_for_any_worker_count_and_batch_size(tmp_path, corpus_dir, d
 
     monkeypatch.setattr(prep, "BATCH_BYTES", 2000)  # many small batches through 2 worker processes
     out = tmp_path / "w2"
-    prepare([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0, workers=2)
+    prepare(settings([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0, workers=2))
     for f in ("train.bin", "val.bin", "tokenizer.json", "manifest.json"):
         assert (out / f).read_bytes() == (dataset_dir / f).read_bytes(), f
 
@@ -150,8 +154,8 @@ def test_dedup_counts_and_mixing_weights(tmp_path):
     b = _corpus_files(tmp_path / "b", {f"e{i}.md": " ".join(rng.choices(WORDS, k=120)) for i in range(10)})
     (b / "skip.bin").write_bytes(b"\x00\x01binary")
     (b / "latin1.txt").write_bytes(" ".join(rng.choices(WORDS, k=60)).encode() + b" caf\xe9")
-    m = prepare([str(a), f"{b}@2.5"], tmp_path / "out", vocab_size=300, val_fraction=0.2, seed=1,
-                read=ReadOptions(include=("*.txt", "*.md", "*.bin"), exclude=("e9.md",)))
+    m = prepare(settings([str(a), f"{b}@2.5"], tmp_path / "out", vocab_size=300, val_fraction=0.2, seed=1,
+                         include=["*.txt", "*.md", "*.bin"], exclude=["e9.md"]))
     assert m["removed"]["exact_dedup"]["documents"] == 1 and m["removed"]["near_dedup"]["documents"] == 1
     assert m["exact_dedup"]["clusters"] == [{"kept": str(a / "d0.txt"), "removed": [str(a / "z_copy.txt")]}]
     assert m["near_dedup"]["clusters"][0]["kept"] == str(a / "d1.txt")
@@ -174,7 +178,7 @@ def test_jsonl_bad_lines_can_be_skipped_and_counted(tmp_path):
     rng = random.Random(4)
     rows = [json.dumps({"text": " ".join(rng.choices(WORDS, k=80))}) for _ in range(6)]
     (tmp_path / "c.jsonl").write_text("\n".join(rows[:3] + ["{oops", '{"other": 1}'] + rows[3:]) + "\n")
-    m = prepare([str(tmp_path / "c.jsonl")], tmp_path / "out", vocab_size=300, read=ReadOptions(skip_bad_lines=True))
+    m = prepare(settings([str(tmp_path / "c.jsonl")], tmp_path / "out", vocab_size=300, skip_bad_lines=True))
     assert m["sources"][0]["bad_lines"] == 2 and m["documents_kept"] == 6
     assert f"{tmp_path / 'c.jsonl'}:7" in m["train"]["names"] + m["val"]["names"]  # names carry the line number
 
@@ -204,7 +208,7 @@ def test_shakespeare_editions_are_found_and_kept_in_one_split():
             for pair in combinations(doc[lo:hi].tolist(), 2):
                 shared[pair] = shared.get(pair, 0) + 1
     true = {(names[i], names[j]): c / (len(sh[i]) + len(sh[j]) - c) for (i, j), c in shared.items()}
-    m = prepare(["shakespeare"], Path("unused"), dry_run=True)
+    m = prepare(settings(["shakespeare"], Path("unused"), dry_run=True))
     assert m["removed"]["near_dedup"]["documents"] == 0 and m["documents_kept"] == len(files)
     related = {(p["a"], p["b"]) for p in m["split"]["related_pairs"]}
     must = {p for p, j in true.items() if j >= 0.1}
@@ -222,19 +226,76 @@ def test_prepare_imports_no_torch():
 
 
 def test_tokenizer_sample_is_bounded_and_recorded(tmp_path, corpus_dir):
-    m = prepare([str(corpus_dir)], tmp_path / "s", vocab_size=300, val_fraction=0.2, tokenizer_sample_bytes=1000)
+    m = prepare(settings([str(corpus_dir)], tmp_path / "s", vocab_size=300, val_fraction=0.2, tokenizer_sample_bytes=1000))
     assert m["tokenizer_sample_bytes"] == 1000 and m["tokenizer_sample"]["bytes"] <= 1000
     assert m["tokenizer_sample"]["documents"] >= 1 and m["tokenizer_encoder"] == "tiktoken"
     with pytest.raises(UserError, match="tokenizer-sample-bytes"):
-        prepare([str(corpus_dir)], tmp_path / "z", tokenizer_sample_bytes=0)
+        prepare(settings([str(corpus_dir)], tmp_path / "z", tokenizer_sample_bytes=0))
 
 
 def test_shards_are_the_same_with_the_tokenizers_encoder(tmp_path, corpus_dir, dataset_dir, monkeypatch):
     # The fixture dataset was encoded by tiktoken; encoding by `tokenizers` itself must give the same bytes.
     monkeypatch.setattr(TextTokenizer, "fast", property(lambda self: None))
     out = tmp_path / "hf"
-    m = prepare([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0)
+    m = prepare(settings([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0))
     assert m["tokenizer_encoder"] == "tokenizers"
     assert json.loads((dataset_dir / "manifest.json").read_text())["tokenizer_encoder"] == "tiktoken"
     for f in ("train.bin", "val.bin", "tokenizer.json"):
         assert (out / f).read_bytes() == (dataset_dir / f).read_bytes(), f
+
+
+def _parsed(argv: list[str]) -> PrepareSettings:
+    from leangpt import cli
+    from leangpt.data.prepare import build_parser
+
+    return cli.parse(build_parser(), ["--source", "corpus", "--out", "data", *argv])[0]
+
+
+def test_filter_settings_have_one_way_in(tmp_path):
+    """--filter-set and --no-filter, --set filters.KEY and a config's filters: section reach the same settings."""
+    from leangpt.data.filters import FilterSettings
+
+    expected = FilterSettings(min_words=20)
+    expected.max_top_ngram_char_fraction.n2 = 0.25
+    expected.enabled.symbol_ratio = False
+    config = tmp_path / "c.yaml"
+    config.write_text("filters:\n  min_words: 20\n  max_top_ngram_char_fraction: {n2: 0.25}\n"
+                      "  enabled: {symbol_ratio: false}\n")
+    assert _parsed(["--filter-set", "min_words=20", "--filter-set", "max_top_ngram_char_fraction.2=0.25",
+                    "--no-filter", "symbol_ratio"]).quality_filters() == expected
+    assert _parsed(["--set", "filters.min_words=20", "--set", "filters.max_top_ngram_char_fraction.n2=0.25",
+                    "--set", "filters.enabled.symbol_ratio=false"]).quality_filters() == expected
+    assert _parsed(["--config", str(config)]).quality_filters() == expected
+    assert _parsed(["--no-filters", "--filter-set", "min_words=20"]).quality_filters() is None
+    assert _parsed([]).quality_filters() == FilterSettings()
+
+
+def test_flags_fill_the_settings():
+    s = _parsed(["--source", "more@2", "--vocab-size", "300", "--no-clean", "boilerplate", "--no-clean", "nfc",
+                 "--no-exact-dedup", "--near-dup-threshold", "0", "--include", "*.txt", "--exclude", "x*",
+                 "--tokenizer", "tok", "--skip-bad-lines", "--workers", "3", "--dry-run", "--overwrite"])
+    assert s.source == ["corpus", "more@2"] and s.vocab_size == 300 and s.tokenizer == Path("tok")
+    assert s.clean_steps() == {"boilerplate": False, "nfc": False, "control_chars": True, "whitespace": True}
+    assert not s.exact_dedup and s.near_dup_threshold == 0.0 and (s.workers, s.dry_run, s.overwrite) == (3, True, True)
+    assert (s.read_options().include, s.read_options().exclude, s.skip_bad_lines) == (("*.txt",), ("x*",), True)
+    assert _parsed([]).read_options().include == ("*.txt", "*.md", "*.jsonl", "*.parquet")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--filter-set", "min_words=x"], "--filter-set: bad value for min_words: expected int"),
+    (["--filter-set", "nope=1"], "--filter-set: unknown setting 'nope'"),
+    (["--filter-set", "max_top_ngram_char_fraction.7=0.1"], "unknown setting 'max_top_ngram_char_fraction.n7'"),
+    (["--filter-set", "min_words"], "--filter-set expects KEY=VALUE"),
+    (["--set", "filters.nope=1"], "unknown setting 'filters.nope'"),
+    (["--set", "filters.enabled.length=maybe"], "bad value for filters.enabled.length"),
+    (["--no-filter", "bogus"], "bad value for --no-filter: expected one of length"),
+    (["--no-clean", "bogus"], "bad value for --no-clean: expected one of boilerplate"),
+    (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--num-perm", "1"], "--num-perm must be at least 2"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["prepare", "--source", "no_such_source", "--out", str(out), *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -7,38 +7,81 @@ order of FILTER_NAMES) is the one charged with the removal in the manifest.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from leangpt.cli import setting
 from leangpt.data.words import Words
-
-FILTER_NAMES = ("length", "mean_word_length", "alpha_fraction", "symbol_ratio", "duplicate_lines",
-                "top_ngram", "duplicate_ngram")
 
 
 @dataclass
-class FilterConfig:
-    """Thresholds; Gopher's values except where noted. Each filter has an on/off switch in `enabled`."""
+class FilterSwitches:
+    """One on/off switch per filter (`--no-filter NAME`, or `--set filters.enabled.NAME=false`)."""
 
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    min_alpha_fraction: float = 0.8  # fraction of words holding at least one letter
-    max_symbol_ratio: float = 0.1  # ('#' + '...' + '…') per word
+    length: bool = setting(True, "word count within [min_words, max_words]")
+    mean_word_length: bool = setting(True, "mean word length within [min, max]")
+    alpha_fraction: bool = setting(True, "enough words hold a letter")
+    symbol_ratio: bool = setting(True, "few '#', '...' and '…' per word")
+    duplicate_lines: bool = setting(True, "few characters in repeated lines")
+    top_ngram: bool = setting(True, "no 2/3/4-gram covers too many characters")
+    duplicate_ngram: bool = setting(True, "few characters in repeated 5..10-grams")
+
+
+FILTER_NAMES = tuple(f.name for f in dataclasses.fields(FilterSwitches))  # in the order they are tried
+
+
+@dataclass
+class NgramLimits:
+    """A character-fraction limit per n-gram length n, field `nN` (e.g. `n2`)."""
+
+    def items(self) -> list[tuple[int, float]]:
+        """(n, limit) pairs in increasing n."""
+        return [(int(f.name[1:]), getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+@dataclass
+class TopNgramLimits(NgramLimits):
+    n2: float = setting(0.20, "most frequent 2-gram")
+    n3: float = setting(0.18, "most frequent 3-gram")
+    n4: float = setting(0.16, "most frequent 4-gram")
+
+
+@dataclass
+class DuplicateNgramLimits(NgramLimits):
+    n5: float = setting(0.15, "repeated 5-grams")
+    n6: float = setting(0.14, "repeated 6-grams")
+    n7: float = setting(0.13, "repeated 7-grams")
+    n8: float = setting(0.12, "repeated 8-grams")
+    n9: float = setting(0.11, "repeated 9-grams")
+    n10: float = setting(0.10, "repeated 10-grams")
+
+
+@dataclass
+class FilterSettings:
+    """Thresholds (`--set filters.KEY=VALUE`); Gopher's values except where noted, and a switch per filter."""
+
+    min_words: int = setting(50, "fewest words a document may have")
+    max_words: int = setting(100_000, "most words a document may have")
+    min_mean_word_length: float = setting(3.0, "shortest mean word length, in characters")
+    max_mean_word_length: float = setting(10.0, "longest mean word length, in characters")
+    min_alpha_fraction: float = setting(0.8, "smallest fraction of words holding at least one letter")
+    max_symbol_ratio: float = setting(0.1, "most ('#' + '...' + '…') per word")
     # Gopher also caps the fraction of duplicate lines by count at 0.3; plays put every speaker's name on a line
     # of its own, which that rule removes, so leangpt uses Gopher's character-weighted version alone.
-    max_duplicate_line_char_fraction: float = 0.2
-    # Fraction of word characters in the most frequent n-gram, n = 2, 3, 4.
-    max_top_ngram_char_fraction: dict[int, float] = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    # Fraction of word characters inside n-grams that occur more than once, n = 5..10.
-    max_duplicate_ngram_char_fraction: dict[int, float] = field(default_factory=lambda: {
-        5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
-    enabled: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(FILTER_NAMES, True))
+    max_duplicate_line_char_fraction: float = setting(0.2, "largest fraction of characters in repeated lines")
+    max_top_ngram_char_fraction: TopNgramLimits = setting(
+        TopNgramLimits(), "largest fraction of word characters in the most frequent n-gram, n = 2, 3, 4")
+    max_duplicate_ngram_char_fraction: DuplicateNgramLimits = setting(
+        DuplicateNgramLimits(), "largest fraction of word characters inside n-grams that occur more than once, n = 5..10")
+    enabled: FilterSwitches = setting(FilterSwitches(), "a switch per filter")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as the manifest records them: the n-gram limits keyed by n."""
+        out = dataclasses.asdict(self)
+        for name in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
+            out[name] = {str(n): limit for n, limit in getattr(self, name).items()}
+        return out
 
 
 def duplicate_line_char_fraction(text: str) -> float:
@@ -100,33 +143,33 @@ def duplicate_ngram_char_fraction(w: Words, n: int, total_chars: int) -> float:
     return _covered_fraction(w, repeated, n, total_chars)
 
 
-def failing_filter(text: str, w: Words, cfg: FilterConfig) -> str | None:
+def failing_filter(text: str, w: Words, cfg: FilterSettings) -> str | None:
     """The name of the first enabled filter that removes the document, or None when it passes."""
     on = cfg.enabled
     n_words = len(w)
-    if on["length"] and not cfg.min_words <= n_words <= cfg.max_words:
+    if on.length and not cfg.min_words <= n_words <= cfg.max_words:
         return "length"
     if n_words == 0:
         return None
     total_chars = int(w.chars.sum())
-    if on["mean_word_length"] and not cfg.min_mean_word_length <= total_chars / n_words <= cfg.max_mean_word_length:
+    if on.mean_word_length and not cfg.min_mean_word_length <= total_chars / n_words <= cfg.max_mean_word_length:
         return "mean_word_length"
-    if on["alpha_fraction"] and float(w.alpha.mean()) < cfg.min_alpha_fraction:
+    if on.alpha_fraction and float(w.alpha.mean()) < cfg.min_alpha_fraction:
         return "alpha_fraction"
-    if on["symbol_ratio"]:
+    if on.symbol_ratio:
         symbols = text.count("#") + text.count("...") + text.count("…")
         if symbols / n_words > cfg.max_symbol_ratio:
             return "symbol_ratio"
-    if on["duplicate_lines"] and duplicate_line_char_fraction(text) > cfg.max_duplicate_line_char_fraction:
+    if on.duplicate_lines and duplicate_line_char_fraction(text) > cfg.max_duplicate_line_char_fraction:
         return "duplicate_lines"
     # The cheap upper bounds clear almost every document; the exact (sorting) measure runs only when they do not.
-    if on["top_ngram"]:
+    if on.top_ngram:
         mass = _word_mass_upper_bound(w, total_chars)
         for n, limit in cfg.max_top_ngram_char_fraction.items():
             if n * mass > limit and _top_ngram_upper_bound(w, n, total_chars) > limit \
                     and top_ngram_char_fraction(w, n, total_chars) > limit:
                 return "top_ngram"
-    if on["duplicate_ngram"]:
+    if on.duplicate_ngram:
         limits = sorted(cfg.max_duplicate_ngram_char_fraction.items())
         for i, (n, limit) in enumerate(limits):
             frac = duplicate_ngram_char_fraction(w, n, total_chars)

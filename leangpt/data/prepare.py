@@ -11,6 +11,7 @@ written) and appends to the shards. Nothing here imports torch, so the command s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import multiprocessing
@@ -27,9 +28,10 @@ import numpy as np
 from tqdm import tqdm
 
 from leangpt import cli
+from leangpt.cli import setting
 from leangpt.data.clean import CLEAN_STEPS, clean
 from leangpt.data.dedup import MinHasher, exact_key, near_duplicates
-from leangpt.data.filters import FILTER_NAMES, FilterConfig, failing_filter
+from leangpt.data.filters import FILTER_NAMES, FilterSettings, failing_filter
 from leangpt.data.shards import token_dtype
 from leangpt.data.sources import DEFAULT_INCLUDE, Document, ReadOptions, SourceSpec, SourceStats, read_source
 from leangpt.data.tokenizer import TextTokenizer
@@ -44,17 +46,164 @@ BATCH_BYTES = 1 << 20
 TOKENIZER_SAMPLE_BYTES = 4 << 20  # default BPE training sample; BENCHMARKS.md has its effect on bytes per token
 
 
-@dataclasses.dataclass
-class Analysis:
-    """What pass 1 needs to know about one document (computed in a worker)."""
+SPLITS = ("train", "val")  # split_of values 0 and 1; -1 marks a removed document
 
-    text: str | None  # cleaned, when cleaning changed a kept document (else the caller's text is it: less to pickle)
-    bytes_in: int
-    nbytes: int  # UTF-8 bytes after cleaning
-    cleaned: dict[str, int]  # cleaning step -> bytes it removed
-    removed_by: str | None  # "empty" or a filter name
-    key: bytes
-    signature: np.ndarray | None
+
+@dataclasses.dataclass
+class PrepareSettings:
+    """Every setting of `leangpt prepare`: its flags, and its keys for --config and --set."""
+
+    source: list[str] = setting([], "'shakespeare' (the embedded corpus), a .txt/.md file, a .jsonl or .parquet file, "
+                                    "or a directory of them (recursive); repeatable. '@WEIGHT' sets the source's mixing "
+                                    "weight: expected copies of each of its documents in the train split (e.g. @0.5, @2)",
+                                required=True, metavar="SOURCE[@WEIGHT]")
+    out: Path | None = setting(None, "dataset directory to write", required=True)
+    vocab_size: int = setting(8192, "BPE vocabulary size, end-of-document token included")
+    tokenizer: Path | None = setting(None, "reuse the tokenizer of a dataset, checkpoint or Hugging Face tokenizer "
+                                           "directory instead of training one")
+    tokenizer_sample_bytes: int = setting(TOKENIZER_SAMPLE_BYTES, "train the tokenizer on at most this many bytes of "
+                                          "train documents: whole documents in seeded random order (default 4 MiB; "
+                                          "more gives slightly fewer tokens per byte, slower)")
+    val_fraction: float = setting(0.1, "fraction of documents held out for validation")
+    seed: int = setting(0, "seed of the document split, mixing and tokenizer sample")
+    include: list[str] = setting(list(DEFAULT_INCLUDE), "in directories, read files matching this glob (name or "
+                                 "relative path); repeatable (default: *.txt *.md *.jsonl *.parquet)", metavar="GLOB")
+    exclude: list[str] = setting([], "in directories, skip files matching this glob; repeatable", metavar="GLOB")
+    text_field: str = setting("text", "JSONL field / Parquet column that holds the text")
+    skip_bad_lines: bool = setting(False, "skip (and count) JSONL lines that are not JSON or lack the text field "
+                                          "instead of failing")
+    no_clean: list[str] = setting([], f"turn a cleaning step off; repeatable; steps: {', '.join(CLEAN_STEPS)}",
+                                  choices=CLEAN_STEPS, metavar="STEP")
+    filters_enabled: bool = setting(True, "apply no quality filter", flag="--no-filters")
+    no_filter: list[str] = setting([], f"turn one quality filter off; repeatable; filters: {', '.join(FILTER_NAMES)}",
+                                   choices=FILTER_NAMES, metavar="NAME")
+    filter_set: list[str] = setting([], "set a filter threshold, e.g. min_words=20 or max_top_ngram_char_fraction.2=0.25 "
+                                        "(the same as --set filters.min_words=20, "
+                                        "--set filters.max_top_ngram_char_fraction.n2=0.25); repeatable",
+                                    metavar="KEY=VALUE")
+    # A fresh FilterSettings per instance: setting() copies a dataclass default shallowly, so its nested limits and
+    # switches would be one object shared by every PrepareSettings.
+    filters: FilterSettings = dataclasses.field(default_factory=FilterSettings,
+                                                metadata=setting(help="quality-filter thresholds and switches").metadata)
+    exact_dedup: bool = setting(True, "keep documents whose normalised text is identical")
+    near_dup_threshold: float = setting(0.8, "MinHash Jaccard (word 5-shingles) at which documents are "
+                                             "near-duplicates; one per cluster is kept; 0 turns near-dedup off")
+    split_group_threshold: float = setting(0.05, "documents at least this similar (MinHash Jaccard) are kept in the "
+                                                 "same split, so that related texts (e.g. two editions of a play) do "
+                                                 "not leak from train into val; 0 turns it off")
+    num_perm: int = setting(128, "MinHash permutations per document")
+    shingle: int = setting(5, "words per MinHash shingle")
+    workers: int = setting(os.cpu_count() or 1, "processes for cleaning, filters and hashing (default: one per core; "
+                                                "tokenization uses a thread per core)")
+    dry_run: bool = setting(False, "print what cleaning, each filter and dedup would remove, and the split; write nothing")
+    overwrite: bool = setting(False, "replace an existing output directory")
+    progress: bool = setting(False, "show progress bars on stderr (the command does when stderr is a terminal and "
+                                    "there is no --json)", cli=False)
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        for name, thr in (("--near-dup-threshold", self.near_dup_threshold),
+                          ("--split-group-threshold", self.split_group_threshold)):
+            if not 0.0 <= thr < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {thr}")
+        if self.tokenizer is None and self.tokenizer_sample_bytes < 1:
+            raise UserError(f"--tokenizer-sample-bytes must be at least 1, got {self.tokenizer_sample_bytes}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.num_perm < 2 or self.shingle < 1:
+            raise UserError(f"--num-perm must be at least 2 and --shingle at least 1, got {self.num_perm} and {self.shingle}")
+        self.quality_filters()
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(tuple(self.include), tuple(self.exclude), self.text_field, self.skip_bad_lines)
+
+    def clean_steps(self) -> dict[str, bool]:
+        return {step: step not in self.no_clean for step in CLEAN_STEPS}
+
+    def quality_filters(self) -> FilterSettings | None:
+        """The filters to apply (None with --no-filters): `filters` with the --filter-set values set on it and the
+        --no-filter ones switched off."""
+        if not self.filters_enabled:
+            return None
+        filters = copy.deepcopy(self.filters)
+        for item in self.filter_set:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"--filter-set expects KEY=VALUE, got {item!r}")
+            try:
+                cli.apply_overrides(filters, None, [f"{_filter_key(key.strip())}={value}"])
+            except UserError as e:
+                raise UserError(f"--filter-set: {e}") from None
+        for name in self.no_filter:
+            setattr(filters.enabled, name, False)
+        return filters
+
+
+def _filter_key(key: str) -> str:
+    """--filter-set's key as a key of FilterSettings: a trailing n-gram length N names the field nN."""
+    head, _, n = key.rpartition(".")
+    return f"{head}.n{n}" if head and n.isdigit() else key
+
+
+def prepare(s: PrepareSettings, *, timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """Build the dataset directory s.out (see the module docstring); returns the manifest.
+
+    With s.dry_run nothing is written and no tokenizer is trained. A timings dict, when given, receives each
+    stage's wall and CPU seconds (kept out of the manifest, which must not vary from run to run).
+    """
+    s.validate()
+    stages = _Stages({} if timings is None else timings)
+    if s.dry_run:
+        return _prepare(s, None, stages)
+    check_output_dir(s.out, s.overwrite)
+    with atomic_dir(s.out) as tmp:
+        return _prepare(s, tmp, stages)
+
+
+def _prepare(s: PrepareSettings, tmp: Path | None, stages: _Stages) -> dict[str, Any]:
+    """The steps, top to bottom; tmp is the output's temporary directory (None: a dry run)."""
+    specs = [SourceSpec.parse(spec) for spec in s.source]
+    filters = s.quality_filters()
+    spool = Spool(tmp / "documents.spool") if tmp is not None else None
+    try:
+        corpus = _first_pass(s, specs, _Config(s.clean_steps(), filters, _hasher(s)), spool)
+        stages.lap("read_clean_filter_hash")
+        signatures = corpus.take_signatures()
+        keep, near = _near_dedup(corpus, signatures, s.near_dup_threshold)
+        removed = _removed(corpus)
+        kept_idx = np.flatnonzero(keep)
+        _check_enough_left(corpus, removed, len(kept_idx))
+        groups, related = _split_groups(corpus.names, signatures, kept_idx, s.split_group_threshold)
+        del signatures
+        split_of = np.full(len(corpus.names), -1, dtype=np.int8)
+        split_of[kept_idx] = _split_units(len(kept_idx), groups, s.val_fraction, s.seed).astype(np.int8)
+        stages.lap("dedup_split")
+        copies = _copies(specs, corpus.source, split_of, s.seed)
+        manifest: dict[str, Any] = {
+            "sources": [st.to_dict() for st in corpus.source_stats],
+            "documents_read": corpus.read["documents"], "bytes_read": corpus.read["bytes"],
+            "documents_kept": int(len(kept_idx)), "cleaning": corpus.cleaning, "removed": removed,
+            "filters": filters.to_dict() if filters else None,
+            "exact_dedup": {"enabled": s.exact_dedup, "clusters": [{"kept": corpus.names[k], "removed": v}
+                                                                   for k, v in corpus.exact_clusters.items()]},
+            "near_dedup": {**near, "num_perm": s.num_perm, "shingle_words": s.shingle},
+            "split": {"seed": s.seed, "val_fraction": s.val_fraction, "group_threshold": s.split_group_threshold or None,
+                      "related_pairs": related, "groups": [[corpus.names[kept_idx[i]] for i in g] for g in groups]},
+            "mixing": [{"source": spec.path, "weight": spec.weight,
+                        "train_documents": int(copies[(split_of == 0) & (np.array(corpus.source) == i)].sum())}
+                       for i, spec in enumerate(specs)],
+        }
+        if spool is None:
+            manifest.update(_splits_listed(corpus, split_of, copies))
+            return manifest
+        spool.close_writing()
+        _tokenize(s, spool, corpus.names, split_of, copies, tmp, manifest, stages)
+    finally:
+        if spool is not None:
+            spool.close()
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 class _Stages:
@@ -76,10 +225,30 @@ class _Stages:
         self._last = now
 
 
+# ---------------------------------------------------------------- pass 1: read, clean, filter, hash
+
+def _hasher(s: PrepareSettings) -> MinHasher | None:
+    """Signatures serve near-dedup and split grouping; without either, none are computed."""
+    return MinHasher(s.num_perm, s.shingle) if s.near_dup_threshold or s.split_group_threshold else None
+
+
+@dataclasses.dataclass
+class Analysis:
+    """What pass 1 needs to know about one document (computed in a worker)."""
+
+    text: str | None  # cleaned, when cleaning changed a kept document (else the caller's text is it: less to pickle)
+    bytes_in: int
+    nbytes: int  # UTF-8 bytes after cleaning
+    cleaned: dict[str, int]  # cleaning step -> bytes it removed
+    removed_by: str | None  # "empty" or a filter name
+    key: bytes
+    signature: np.ndarray | None
+
+
 @dataclasses.dataclass
 class _Config:
     clean_steps: dict[str, bool]
-    filters: FilterConfig | None
+    filters: FilterSettings | None
     hasher: MinHasher | None
 
 
@@ -150,6 +319,130 @@ def _counter() -> dict[str, int]:
     return {"documents": 0, "bytes": 0}
 
 
+def _count(counter: dict[str, int], nbytes: int) -> None:
+    counter["documents"] += 1
+    counter["bytes"] += nbytes
+
+
+@dataclasses.dataclass
+class _Corpus:
+    """What pass 1 keeps in memory: the counts of each step, and per kept document its name, source index, size
+    and MinHash signature (its text is in the spool)."""
+
+    source_stats: list[SourceStats]
+    read: dict[str, int] = dataclasses.field(default_factory=_counter)
+    cleaning: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {step: _counter() for step in CLEAN_STEPS})
+    removed: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {k: _counter() for k in ("empty", *FILTER_NAMES, "exact_dedup", "near_dedup")})
+    exact_clusters: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # kept index -> removed names
+    names: list[str] = dataclasses.field(default_factory=list)
+    source: list[int] = dataclasses.field(default_factory=list)
+    nbytes: list[int] = dataclasses.field(default_factory=list)
+    signatures: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def count_read(self, a: Analysis) -> None:
+        _count(self.read, a.bytes_in)
+        for step, nbytes in a.cleaned.items():
+            _count(self.cleaning[step], nbytes)
+
+    def keep(self, src: int, doc: Document, a: Analysis, spool: Spool | None) -> None:
+        if spool is not None:
+            spool.append(doc.text if a.text is None else a.text)
+        self.names.append(doc.name)
+        self.source.append(src)
+        self.nbytes.append(a.nbytes)
+        if a.signature is not None:
+            self.signatures.append(a.signature)
+
+    def take_signatures(self) -> np.ndarray:
+        """The (documents, num_perm) signature matrix; the per-document list is let go."""
+        matrix = np.stack(self.signatures) if self.signatures else np.zeros((len(self.names), 0), np.uint32)
+        self.signatures = []
+        return matrix
+
+
+def _documents(specs: list[SourceSpec], read: ReadOptions, stats: list[SourceStats]) -> Iterator[tuple[int, Document]]:
+    for i, (spec, st) in enumerate(zip(specs, stats)):
+        for doc in read_source(spec, read, st):
+            yield i, doc
+
+
+def _first_pass(s: PrepareSettings, specs: list[SourceSpec], cfg: _Config, spool: Spool | None) -> _Corpus:
+    """Stream every source through cleaning, the filters and the hashes; exact duplicates are dropped on the fly
+    (the first copy is kept) and kept documents are spooled."""
+    corpus = _Corpus([SourceStats(spec.path, spec.weight) for spec in specs])
+    first_of: dict[bytes, int] = {}  # exact-dedup digest -> index of the kept document
+    bar = tqdm(total=None, unit="B", unit_scale=True, desc="read, clean, filter, hash", disable=not s.progress)
+    try:
+        docs = _documents(specs, s.read_options(), corpus.source_stats)
+        for src, doc, a in _analysed(_batches(docs), cfg, s.workers):
+            bar.update(a.bytes_in)
+            corpus.count_read(a)
+            if a.removed_by:
+                _count(corpus.removed[a.removed_by], a.nbytes)
+                continue
+            if s.exact_dedup:
+                first = first_of.setdefault(a.key, len(corpus.names))
+                if first != len(corpus.names):
+                    _count(corpus.removed["exact_dedup"], a.nbytes)
+                    corpus.exact_clusters.setdefault(first, []).append(doc.name)
+                    continue
+            corpus.keep(src, doc, a, spool)
+    finally:
+        bar.close()
+    return corpus
+
+
+# ---------------------------------------------------------------- between the passes: near dedup, the split, mixing
+
+def _near_dedup(corpus: _Corpus, signatures: np.ndarray, threshold: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The mask of documents kept, and the manifest's record of the clusters (the first document of each is kept)."""
+    keep = np.ones(len(corpus.names), dtype=bool)
+    near: dict[str, Any] = {"threshold": threshold or None, "clusters": []}
+    if not threshold or not len(corpus.names):
+        return keep, near
+    res = near_duplicates(signatures, threshold)
+    near.update(bands=res.bands, rows=res.rows)
+    for cluster in res.clusters:
+        keep[cluster[1:]] = False
+        for j in cluster[1:]:
+            _count(corpus.removed["near_dedup"], corpus.nbytes[j])
+        estimate = {j: e for i, j, e in res.pairs if i == cluster[0]}
+        near["clusters"].append({"kept": corpus.names[cluster[0]], "removed": [
+            {"name": corpus.names[j], "jaccard_estimate": round(estimate.get(j, 0.0), 4)} for j in cluster[1:]]})
+    return keep, near
+
+
+def _removed(corpus: _Corpus) -> dict[str, dict[str, int]]:
+    """Documents and bytes each step removed, in the order of the steps."""
+    cleaning = {"documents": corpus.removed["empty"]["documents"],
+                "bytes": sum(c["bytes"] for c in corpus.cleaning.values())}
+    return {"cleaning": cleaning, **{f: corpus.removed[f] for f in FILTER_NAMES},
+            "exact_dedup": corpus.removed["exact_dedup"], "near_dedup": corpus.removed["near_dedup"]}
+
+
+def _check_enough_left(corpus: _Corpus, removed: dict[str, dict[str, int]], kept: int) -> None:
+    n_read = corpus.read["documents"]
+    if kept == 0:
+        parts = [f"{k} {v['documents']}" for k, v in removed.items() if v["documents"]]
+        raise UserError(f"no documents left out of {n_read} read"
+                        + (f" (removed by: {', '.join(parts)})" if parts else " (the sources hold no documents)"))
+    if kept < 2:
+        raise UserError(f"need at least 2 documents to split into train and val by document ({n_read} read, {kept} kept)")
+
+
+def _split_groups(names: list[str], signatures: np.ndarray, kept_idx: np.ndarray,
+                  threshold: float) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Groups of related kept documents (indices into kept_idx), to be kept in one split, and their pairs."""
+    if not threshold:
+        return [], []
+    res = near_duplicates(signatures[kept_idx], threshold)
+    related = [{"a": names[kept_idx[i]], "b": names[kept_idx[j]], "jaccard_estimate": round(e, 4)}
+               for i, j, e in res.pairs]
+    return res.clusters, related
+
+
 def _split_units(n: int, groups: list[list[int]], val_fraction: float, seed: int) -> np.ndarray:
     """Boolean (n,) mask of val documents: whole groups (related documents) go to one split."""
     in_group = np.zeros(n, dtype=bool)
@@ -173,174 +466,29 @@ def _split_units(n: int, groups: list[list[int]], val_fraction: float, seed: int
     return is_val
 
 
-def prepare(sources: list[str], out: Path, vocab_size: int = 8192, tokenizer_path: Path | None = None,
-            val_fraction: float = 0.1, seed: int = 0, overwrite: bool = False, *,
-            read: ReadOptions | None = None, clean_steps: dict[str, bool] | None = None,
-            filters: FilterConfig | None = None, exact_dedup: bool = True, near_dup_threshold: float | None = 0.8,
-            split_group_threshold: float | None = 0.05, num_perm: int = 128, shingle: int = 5, workers: int = 1,
-            tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES, dry_run: bool = False, progress: bool = False,
-            timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """Build a dataset directory (see the module docstring); returns the manifest.
-
-    filters=None applies no quality filter (the CLI passes FilterConfig() unless --no-filters); threshold None
-    (or 0) turns near-dedup or split grouping off. With dry_run nothing is written and no tokenizer is trained.
-    A timings dict, when given, receives each stage's wall and CPU seconds (kept out of the manifest, which must
-    not vary from run to run).
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    for name, thr in (("--near-dup-threshold", near_dup_threshold), ("--split-group-threshold", split_group_threshold)):
-        if thr is not None and not 0.0 <= thr < 1.0:
-            raise UserError(f"{name} must be in [0, 1), got {thr}")
-    if tokenizer_path is None and tokenizer_sample_bytes < 1:
-        raise UserError(f"--tokenizer-sample-bytes must be at least 1, got {tokenizer_sample_bytes}")
-    if not dry_run:
-        check_output_dir(out, overwrite)
-    read = read or ReadOptions()
-    specs = [SourceSpec.parse(s) for s in sources]
-    if timings is None:
-        timings = {}
-    need_sigs = bool(near_dup_threshold) or bool(split_group_threshold)
-    cfg = _Config({s: True for s in CLEAN_STEPS} | (clean_steps or {}), filters,
-                  MinHasher(num_perm, shingle) if need_sigs else None)
-    if dry_run:
-        return _run(specs, None, read, cfg, locals())
-    with atomic_dir(out) as tmp:
-        return _run(specs, tmp, read, cfg, locals())
-
-
-def _run(specs: list[SourceSpec], tmp: Path | None, read: ReadOptions, cfg: _Config, o: dict[str, Any]) -> dict[str, Any]:
-    source_stats = [SourceStats(s.path, s.weight) for s in specs]
-    cleaning = {s: _counter() for s in CLEAN_STEPS}
-    removed = {k: _counter() for k in ("empty", *FILTER_NAMES, "exact_dedup", "near_dedup")}
-    read_count = _counter()
-    spool = Spool(tmp / "documents.spool") if tmp is not None else None
-    names: list[str] = []
-    doc_source: list[int] = []
-    doc_bytes: list[int] = []
-    sigs: list[np.ndarray] = []
-    seen: dict[bytes, int] = {}
-    exact_clusters: dict[int, list[str]] = {}
-
-    def documents() -> Iterator[tuple[int, Document]]:
-        for i, (spec, stats) in enumerate(zip(specs, source_stats)):
-            for doc in read_source(spec, read, stats):
-                yield i, doc
-
-    o["stages"] = stages = _Stages(o["timings"])
-    bar = tqdm(total=None, unit="B", unit_scale=True, desc="read, clean, filter, hash", disable=not o["progress"])
-    try:
-        for src, doc, a in _analysed(_batches(documents()), cfg, o["workers"]):
-            read_count["documents"] += 1
-            read_count["bytes"] += a.bytes_in
-            bar.update(a.bytes_in)
-            for step, nbytes in a.cleaned.items():
-                cleaning[step]["documents"] += 1
-                cleaning[step]["bytes"] += nbytes
-            nbytes = a.nbytes
-            if a.removed_by:
-                removed[a.removed_by]["documents"] += 1
-                removed[a.removed_by]["bytes"] += nbytes
-                continue
-            if o["exact_dedup"]:
-                first = seen.setdefault(a.key, len(names))
-                if first != len(names):
-                    removed["exact_dedup"]["documents"] += 1
-                    removed["exact_dedup"]["bytes"] += nbytes
-                    exact_clusters.setdefault(first, []).append(doc.name)
-                    continue
-            if spool is not None:
-                spool.append(doc.text if a.text is None else a.text)
-            names.append(doc.name)
-            doc_source.append(src)
-            doc_bytes.append(nbytes)
-            if a.signature is not None:
-                sigs.append(a.signature)
-    finally:
-        bar.close()
-    del seen
-    stages.lap("read_clean_filter_hash")
-
-    n = len(names)
-    keep = np.ones(n, dtype=bool)
-    near: dict[str, Any] = {"threshold": o["near_dup_threshold"] or None, "clusters": []}
-    signatures = np.stack(sigs) if sigs else np.zeros((n, 0), np.uint32)
-    del sigs
-    if o["near_dup_threshold"] and n:
-        res = near_duplicates(signatures, o["near_dup_threshold"])
-        near.update(bands=res.bands, rows=res.rows)
-        for cluster in res.clusters:
-            keep[cluster[1:]] = False
-            removed["near_dedup"]["documents"] += len(cluster) - 1
-            removed["near_dedup"]["bytes"] += sum(doc_bytes[i] for i in cluster[1:])
-            pair_est = {j: e for i, j, e in res.pairs if i == cluster[0]}
-            near["clusters"].append({"kept": names[cluster[0]],
-                                     "removed": [{"name": names[j], "jaccard_estimate": round(pair_est.get(j, 0.0), 4)}
-                                                 for j in cluster[1:]]})
-    manifest_steps = {"removed": {"cleaning": {"documents": removed["empty"]["documents"],
-                                               "bytes": sum(c["bytes"] for c in cleaning.values())},
-                                  **{f: removed[f] for f in FILTER_NAMES},
-                                  "exact_dedup": removed["exact_dedup"], "near_dedup": removed["near_dedup"]}}
-    kept_idx = np.flatnonzero(keep)
-    if len(kept_idx) == 0:
-        parts = [f"{k} {v['documents']}" for k, v in manifest_steps["removed"].items() if v["documents"]]
-        raise UserError(f"no documents left out of {read_count['documents']} read"
-                        + (f" (removed by: {', '.join(parts)})" if parts else " (the sources hold no documents)"))
-    if len(kept_idx) < 2:
-        raise UserError("need at least 2 documents to split into train and val by document "
-                        f"({read_count['documents']} read, {len(kept_idx)} kept)")
-
-    groups: list[list[int]] = []
-    related: list[dict[str, Any]] = []
-    group_thr = o["split_group_threshold"]
-    if group_thr:
-        res = near_duplicates(signatures[kept_idx], group_thr)
-        groups = res.clusters
-        related = [{"a": names[kept_idx[i]], "b": names[kept_idx[j]], "jaccard_estimate": round(e, 4)}
-                   for i, j, e in res.pairs]
-    del signatures
-    is_val_kept = _split_units(len(kept_idx), groups, o["val_fraction"], o["seed"])
-    stages.lap("dedup_split")
-    split_of = np.full(n, -1, dtype=np.int8)  # -1 removed, 0 train, 1 val
-    split_of[kept_idx] = is_val_kept.astype(np.int8)
-    # Mixing: a train document of a source with weight w is written floor(w) times, plus once more with
-    # probability frac(w) (seeded); val documents are written once, so eval measures each source as it is.
-    weights = np.array([s.weight for s in specs])[np.array(doc_source, dtype=np.int64)] if n else np.zeros(0)
-    u = np.random.default_rng([o["seed"], 1]).random(n)
+def _copies(specs: list[SourceSpec], doc_source: list[int], split_of: np.ndarray, seed: int) -> np.ndarray:
+    """Times each document is written. Mixing: a train document of a source with weight w is written floor(w) times,
+    plus once more with probability frac(w) (seeded); val documents are written once, so eval measures each source
+    as it is; removed documents never."""
+    weights = np.array([spec.weight for spec in specs])[np.array(doc_source, dtype=np.int64)]
+    u = np.random.default_rng([seed, 1]).random(len(split_of))
     copies = np.where(split_of == 0, np.floor(weights) + (u < weights - np.floor(weights)), 0).astype(np.int64)
     copies[split_of == 1] = 1
-    copies[split_of < 0] = 0
+    return copies
 
-    manifest: dict[str, Any] = {
-        "sources": [st.to_dict() for st in source_stats],
-        "documents_read": read_count["documents"], "bytes_read": read_count["bytes"],
-        "documents_kept": int(len(kept_idx)),
-        "cleaning": cleaning, **manifest_steps,
-        "filters": dataclasses.asdict(cfg.filters) if cfg.filters else None,
-        "exact_dedup": {"enabled": o["exact_dedup"],
-                        "clusters": [{"kept": names[k], "removed": v} for k, v in exact_clusters.items()]},
-        "near_dedup": {**near, "num_perm": o["num_perm"], "shingle_words": o["shingle"]},
-        "split": {"seed": o["seed"], "val_fraction": o["val_fraction"], "group_threshold": group_thr or None,
-                  "related_pairs": related, "groups": [[names[kept_idx[i]] for i in g] for g in groups]},
-        "mixing": [{"source": s.path, "weight": s.weight,
-                    "train_documents": int(copies[(split_of == 0) & (np.array(doc_source) == i)].sum()) if n else 0}
-                   for i, s in enumerate(specs)],
-    }
-    if tmp is None:
-        for split, flag in (("train", 0), ("val", 1)):
-            idx = np.flatnonzero(split_of == flag)
-            manifest[split] = {"documents": int(copies[idx].sum()), "unique_documents": int(len(idx)),
-                               "bytes": int(sum(doc_bytes[i] * copies[i] for i in idx)),
-                               "names": [names[i] for i in idx]}
-        return manifest
-    spool.close_writing()
-    try:
-        _tokenize(spool, names, split_of, copies, tmp, manifest, o)
-    finally:
-        spool.close()
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
 
+def _splits_listed(corpus: _Corpus, split_of: np.ndarray, copies: np.ndarray) -> dict[str, dict[str, Any]]:
+    """A dry run's record of each split: what pass 2 would write."""
+    out = {}
+    for flag, split in enumerate(SPLITS):
+        idx = np.flatnonzero(split_of == flag)
+        out[split] = {"documents": int(copies[idx].sum()), "unique_documents": int(len(idx)),
+                      "bytes": int(sum(corpus.nbytes[i] * copies[i] for i in idx)),
+                      "names": [corpus.names[i] for i in idx]}
+    return out
+
+
+# ---------------------------------------------------------------- pass 2: tokenizer, shards
 
 def _tokenizer_sample(spool: Spool, train_idx: np.ndarray, budget: int, seed: int,
                       counts: dict[str, int]) -> Iterator[str]:
@@ -358,55 +506,73 @@ def _tokenizer_sample(spool: Spool, train_idx: np.ndarray, budget: int, seed: in
         yield text
 
 
-def _tokenize(spool: Spool, names: list[str], split_of: np.ndarray, copies: np.ndarray, tmp: Path,
-              manifest: dict[str, Any], o: dict[str, Any]) -> None:
+def _tokenizer(s: PrepareSettings, spool: Spool, split_of: np.ndarray,
+               manifest: dict[str, Any]) -> TextTokenizer:
+    """The reused tokenizer, or one trained on a sample of the train documents; recorded in the manifest."""
     sample: dict[str, int] | None = None
-    if o["tokenizer_path"] is not None:
-        tokenizer = TextTokenizer.load(o["tokenizer_path"])
+    if s.tokenizer is not None:
+        tokenizer = TextTokenizer.load(s.tokenizer)
     else:
-        sample = {"documents": 0, "bytes": 0}
-        tokenizer = TextTokenizer.train(_tokenizer_sample(spool, np.flatnonzero(split_of == 0),
-                                                          o["tokenizer_sample_bytes"], o["seed"], sample),
-                                        o["vocab_size"])
-    o["stages"].lap("tokenizer_training")
-    dtype = token_dtype(tokenizer.vocab_size)
+        sample = _counter()
+        train_idx = np.flatnonzero(split_of == 0)
+        tokenizer = TextTokenizer.train(_tokenizer_sample(spool, train_idx, s.tokenizer_sample_bytes, s.seed, sample),
+                                        s.vocab_size)
     manifest.update(vocab_size=tokenizer.vocab_size, eos_token=tokenizer.eos_token, eos_token_id=tokenizer.eos_id,
                     tokenizer_sha256=tokenizer.sha256(),
-                    tokenizer_source=str(o["tokenizer_path"]) if o["tokenizer_path"] else "trained",
-                    tokenizer_sample_bytes=None if o["tokenizer_path"] else o["tokenizer_sample_bytes"],
-                    tokenizer_sample=sample, dtype=dtype.name)
-    writers = [TokenWriter(tmp / f"{s}.bin", dtype, tokenizer.eos_id) for s in ("train", "val")]
-    splits = [{"documents": 0, "unique_documents": 0, "bytes": 0, "tokens": 0, "names": []} for _ in writers]
-    bar = tqdm(total=int((np.array([spool.nbytes(i) for i in range(len(spool))]) * copies).sum()), unit="B",
-               unit_scale=True, desc="tokenize", disable=not o["progress"])
+                    tokenizer_source=str(s.tokenizer) if s.tokenizer else "trained",
+                    tokenizer_sample_bytes=None if s.tokenizer else s.tokenizer_sample_bytes,
+                    tokenizer_sample=sample, dtype=token_dtype(tokenizer.vocab_size).name)
+    return tokenizer
 
-    def batches() -> Iterator[list[int]]:
-        batch: list[int] = []
-        size = 0
-        for i in np.flatnonzero(copies > 0).tolist():
-            batch.append(i)
-            size += spool.nbytes(i)
-            if size >= BATCH_BYTES:
-                yield batch
-                batch, size = [], 0
-        if batch:
+
+def _tokenize(s: PrepareSettings, spool: Spool, names: list[str], split_of: np.ndarray, copies: np.ndarray,
+              tmp: Path, manifest: dict[str, Any], stages: _Stages) -> None:
+    tokenizer = _tokenizer(s, spool, split_of, manifest)
+    stages.lap("tokenizer_training")
+    manifest.update(_write_shards(tokenizer, spool, names, split_of, copies, tmp, s.progress))
+    tokenizer.save(tmp)
+    manifest["tokenizer_encoder"] = "tiktoken" if tokenizer.fast is not None else "tokenizers"
+    stages.lap("tokenize_write")
+
+
+def _spool_batches(spool: Spool, idx: np.ndarray) -> Iterator[list[int]]:
+    """Spool indices in order, about BATCH_BYTES of text per batch."""
+    batch: list[int] = []
+    size = 0
+    for i in idx.tolist():
+        batch.append(i)
+        size += spool.nbytes(i)
+        if size >= BATCH_BYTES:
             yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_shards(tokenizer: TextTokenizer, spool: Spool, names: list[str], split_of: np.ndarray, copies: np.ndarray,
+                  tmp: Path, progress: bool) -> dict[str, dict[str, Any]]:
+    """Append each document's tokens copies[i] times to its split's shard; returns each split's record."""
+    writers = [TokenWriter(tmp / f"{split}.bin", token_dtype(tokenizer.vocab_size), tokenizer.eos_id)
+               for split in SPLITS]
+    records = [{"documents": 0, "unique_documents": 0, "bytes": 0, "tokens": 0, "names": []} for _ in writers]
+    bar = tqdm(total=int((np.array([spool.nbytes(i) for i in range(len(spool))]) * copies).sum()), unit="B",
+               unit_scale=True, desc="tokenize", disable=not progress)
 
     def write(batch: list[int], ids: list[list[int]]) -> None:
         for i, doc_ids in zip(batch, ids):
-            s = int(split_of[i])
-            writers[s].write([doc_ids] * int(copies[i]))
-            rec = splits[s]
-            rec["documents"] += int(copies[i])
+            split, n = int(split_of[i]), int(copies[i])
+            rec = records[split]
+            writers[split].write([doc_ids] * n)
+            rec["documents"] += n
             rec["unique_documents"] += 1
-            rec["bytes"] += spool.nbytes(i) * int(copies[i])
+            rec["bytes"] += spool.nbytes(i) * n
             rec["names"].append(names[i])
-            bar.update(spool.nbytes(i) * int(copies[i]))
+            bar.update(spool.nbytes(i) * n)
 
     # The next batch is encoded (by the tokenizer's own threads) while this one is written.
     with ThreadPoolExecutor(1) as ahead:
         pending = None
-        for batch in batches():
+        for batch in _spool_batches(spool, np.flatnonzero(copies > 0)):
             job = ahead.submit(lambda b: tokenizer.encode_batch([spool[i] for i in b]), batch)
             if pending is not None:
                 write(pending[0], pending[1].result())
@@ -414,89 +580,13 @@ def _tokenize(spool: Spool, names: list[str], split_of: np.ndarray, copies: np.n
         if pending is not None:
             write(pending[0], pending[1].result())
     bar.close()
-    for w, rec, split in zip(writers, splits, ("train", "val")):
+    for w, rec in zip(writers, records):
         w.close()
         rec["tokens"] = w.tokens
-        manifest[split] = rec
-    tokenizer.save(tmp)
-    manifest["tokenizer_encoder"] = "tiktoken" if tokenizer.fast is not None else "tokenizers"
-    o["stages"].lap("tokenize_write")
+    return dict(zip(SPLITS, records))
 
 
-def _filter_config(args) -> FilterConfig | None:
-    if args.no_filters:
-        return None
-    cfg = FilterConfig()
-    for name in args.no_filter:
-        if name not in FILTER_NAMES:
-            raise UserError(f"--no-filter: unknown filter {name!r}; choose from {', '.join(FILTER_NAMES)}")
-        cfg.enabled[name] = False
-    scalars = {f.name: f.type for f in dataclasses.fields(cfg) if f.type in ("int", "float")}
-    for item in args.filter_set:
-        key, sep, value = item.partition("=")
-        head, _, n = key.strip().partition(".")
-        try:
-            if sep and head in scalars and not n:
-                setattr(cfg, head, int(value) if scalars[head] == "int" else float(value))
-            elif sep and head in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction") and n.isdigit():
-                getattr(cfg, head)[int(n)] = float(value)
-            else:
-                raise UserError(f"--filter-set: unknown setting {item!r}; known: {', '.join(scalars)}, "
-                                "max_top_ngram_char_fraction.N, max_duplicate_ngram_char_fraction.N")
-        except ValueError:
-            raise UserError(f"--filter-set {item}: not a number") from None
-    return cfg
-
-
-def build_parser() -> cli.ArgumentParser:
-    p = cli.parser("prepare", "Read text sources, clean them, drop low-quality documents and exact and near "
-                              "duplicates, split by document into train/val, train (or reuse) a byte-level BPE "
-                              "tokenizer and write token shards plus manifest.json.")
-    p.add_argument("--source", action="append", required=True, metavar="SOURCE[@WEIGHT]",
-                   help="'shakespeare' (the embedded corpus), a .txt/.md file, a .jsonl or .parquet file, or a "
-                        "directory of them (recursive); repeatable. '@WEIGHT' sets the source's mixing weight: "
-                        "expected copies of each of its documents in the train split (e.g. @0.5, @2)")
-    p.add_argument("--out", type=Path, required=True, help="dataset directory to write")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, end-of-document token included")
-    p.add_argument("--tokenizer", type=Path,
-                   help="reuse the tokenizer of a dataset, checkpoint or Hugging Face tokenizer directory instead of training one")
-    p.add_argument("--tokenizer-sample-bytes", type=int, default=TOKENIZER_SAMPLE_BYTES,
-                   help="train the tokenizer on at most this many bytes of train documents: whole documents in "
-                        "seeded random order (default 4 MiB; more gives slightly fewer tokens per byte, slower)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document split, mixing and tokenizer sample")
-    p.add_argument("--include", action="append", metavar="GLOB",
-                   help="in directories, read files matching this glob (name or relative path); repeatable "
-                        "(default: *.txt *.md *.jsonl *.parquet)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="in directories, skip files matching this glob; repeatable")
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column that holds the text")
-    p.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip (and count) JSONL lines that are not JSON or lack the text field instead of failing")
-    p.add_argument("--no-clean", action="append", default=[], choices=CLEAN_STEPS, metavar="STEP",
-                   help=f"turn a cleaning step off; repeatable; steps: {', '.join(CLEAN_STEPS)}")
-    p.add_argument("--no-filters", action="store_true", help="apply no quality filter")
-    p.add_argument("--no-filter", action="append", default=[], metavar="NAME",
-                   help=f"turn one quality filter off; repeatable; filters: {', '.join(FILTER_NAMES)}")
-    p.add_argument("--filter-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a filter threshold, e.g. min_words=20 or max_top_ngram_char_fraction.2=0.25; repeatable")
-    p.add_argument("--no-exact-dedup", action="store_true", help="keep documents whose normalised text is identical")
-    p.add_argument("--near-dup-threshold", type=float, default=0.8,
-                   help="MinHash Jaccard (word 5-shingles) at which documents are near-duplicates; "
-                        "one per cluster is kept; 0 turns near-dedup off")
-    p.add_argument("--split-group-threshold", type=float, default=0.05,
-                   help="documents at least this similar (MinHash Jaccard) are kept in the same split, so that "
-                        "related texts (e.g. two editions of a play) do not leak from train into val; 0 turns it off")
-    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations per document")
-    p.add_argument("--shingle", type=int, default=5, help="words per MinHash shingle")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for cleaning, filters and hashing (tokenization uses a thread per core)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print what cleaning, each filter and dedup would remove, and the split; write nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--json", action="store_true", help="print the manifest's summary as one JSON object on stdout")
-    return p
-
+# ---------------------------------------------------------------- the command
 
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     out = {k: manifest[k] for k in ("documents_read", "bytes_read", "documents_kept", "removed")}
@@ -518,31 +608,28 @@ def table(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def build_parser() -> cli.ArgumentParser:
+    return cli.build_parser(PrepareSettings, "prepare", "Read text sources, clean them, drop low-quality documents "
+                            "and exact and near duplicates, split by document into train/val, train (or reuse) a "
+                            "byte-level BPE tokenizer and write token shards plus manifest.json.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    read = ReadOptions(tuple(args.include) if args.include else DEFAULT_INCLUDE, tuple(args.exclude),
-                       args.text_field, args.skip_bad_lines)
+    settings, output = cli.parse(build_parser(), argv)
+    settings.progress = settings.progress or (sys.stderr.isatty() and not output.json)
     timings: dict[str, float] = {}
-    manifest = prepare(args.source, args.out, args.vocab_size, args.tokenizer, args.val_fraction, args.seed,
-                       args.overwrite, read=read, clean_steps={s: False for s in args.no_clean},
-                       filters=_filter_config(args), exact_dedup=not args.no_exact_dedup,
-                       near_dup_threshold=args.near_dup_threshold or None,
-                       split_group_threshold=args.split_group_threshold or None, num_perm=args.num_perm,
-                       shingle=args.shingle, workers=args.workers, tokenizer_sample_bytes=args.tokenizer_sample_bytes,
-                       dry_run=args.dry_run, progress=sys.stderr.isatty() and not args.json, timings=timings)
+    manifest = prepare(settings, timings=timings)
     result = summary(manifest)
-    if not args.dry_run:
-        result["out"] = str(args.out)
-    if args.json:
+    if not settings.dry_run:
+        result["out"] = str(settings.out)
+    if output.json:
         cli.print_json(result)
-    elif args.dry_run:
+    elif settings.dry_run:
         print(table(manifest))
     else:
         cli.log(table(manifest))
-        cli.log(f"wrote {args.out}: train {manifest['train']['tokens']:,} tokens, val {manifest['val']['tokens']:,} "
-                f"tokens, vocab {manifest['vocab_size']}")
+        cli.log(f"wrote {settings.out}: train {manifest['train']['tokens']:,} tokens, val "
+                f"{manifest['val']['tokens']:,} tokens, vocab {manifest['vocab_size']}")
     cli.log("seconds (wall/CPU): " + ", ".join(f"{k} {v:.2f}/{timings[k + '_cpu']:.2f}"
                                                for k, v in timings.items() if not k.endswith("_cpu")))
     return 0
