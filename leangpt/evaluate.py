@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,32 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from leangpt import cli
+from leangpt.cli import setting
 from leangpt.checkpoint import load_checkpoint
 from leangpt.data.shards import Dataset, sequential_windows
 from leangpt.device import autocast, pick_device
 from leangpt.errors import UserError
+from leangpt.model import GPT
+
+
+@dataclass
+class EvalSettings:
+    model: Path | None = setting(None, "checkpoint directory", required=True)
+    data: Path | None = setting(None, "dataset directory made by `leangpt prepare`", required=True)
+    split: str = setting("val", "which split to score", choices=["val", "train"])
+    block_size: int | None = setting(None, "context length of each window (default: the model's)")
+    batch_size: int = setting(8, "windows per forward pass")
+    max_tokens: int | None = setting(None, "score only the first N tokens of the split")
+    reference: Path | None = setting(None, "checkpoint to compare with: adds the mean KL(reference || model) of "
+                                           "next-token distributions over the same windows, and top-1 agreement")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
+    progress: bool = setting(True, "show a progress bar on stderr", cli=False)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UserError(f"--max-tokens must be >= 1, got {self.max_tokens}")
 
 
 @torch.no_grad()
@@ -73,51 +96,52 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, token_bytes: np.
     return result
 
 
+def _load_reference(s: EvalSettings, tokenizer_sha256: str, block_size: int, device: torch.device) -> GPT:
+    """The --reference model, checked to score the same tokens over the same windows."""
+    reference, ref_tokenizer, _ = load_checkpoint(s.reference, device)
+    if ref_tokenizer.sha256() != tokenizer_sha256:
+        raise UserError(f"--reference {s.reference} has a different tokenizer than {s.model}")
+    if block_size > reference.config.block_size:
+        raise UserError(f"--reference {s.reference} has a context of {reference.config.block_size}, "
+                        f"shorter than the block size {block_size}")
+    return reference
+
+
+def evaluate(s: EvalSettings) -> dict[str, Any]:
+    """Score s.model on a split of s.data: model, split, loss, perplexity, bits_per_byte, tokens, bytes; with a
+    reference also kl, top1_agreement and reference."""
+    s.validate()
+    device = pick_device(s.device)
+    dataset = Dataset(s.data)
+    model, tokenizer, _ = load_checkpoint(s.model, device)
+    if dataset.manifest.get("tokenizer_sha256") != tokenizer.sha256():
+        raise UserError(f"{s.data} was tokenized with a different tokenizer than {s.model}")
+    block_size = s.block_size or model.config.block_size
+    if not 0 < block_size <= model.config.block_size:
+        raise UserError(f"--block-size must be in 1..{model.config.block_size}")
+    reference = None if s.reference is None else _load_reference(s, tokenizer.sha256(), block_size, device)
+    scores = evaluate_tokens(model, dataset.tokens(s.split), tokenizer.token_bytes, block_size,
+                             s.batch_size, s.max_tokens, progress=s.progress, reference=reference)
+    result = {"model": str(s.model), "split": s.split, **scores}
+    if reference is not None:
+        result["reference"] = str(s.reference)
+    return result
+
+
 def build_parser() -> cli.ArgumentParser:
-    p = cli.parser("eval", "Held-out loss, perplexity and bits per byte of a checkpoint on a dataset's val split.")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    p.add_argument("--data", type=Path, required=True, help="dataset directory made by `leangpt prepare`")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="which split to score")
-    p.add_argument("--block-size", type=int, help="context length of each window (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
-    p.add_argument("--reference", type=Path,
-                   help="checkpoint to compare with: adds the mean KL(reference || model) of next-token "
-                        "distributions over the same windows, and top-1 agreement")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-    return p
+    return cli.build_parser(EvalSettings, "eval", "Held-out loss, perplexity and bits per byte of a checkpoint on a "
+                                                  "dataset's val split.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
-    dataset = Dataset(args.data)
-    model, tokenizer, _ = load_checkpoint(args.model, device)
-    if dataset.manifest.get("tokenizer_sha256") != tokenizer.sha256():
-        raise UserError(f"{args.data} was tokenized with a different tokenizer than {args.model}")
-    block_size = args.block_size or model.config.block_size
-    if not 0 < block_size <= model.config.block_size:
-        raise UserError(f"--block-size must be in 1..{model.config.block_size}")
-    reference = None
-    if args.reference is not None:
-        reference, ref_tokenizer, _ = load_checkpoint(args.reference, device)
-        if ref_tokenizer.sha256() != tokenizer.sha256():
-            raise UserError(f"--reference {args.reference} has a different tokenizer than {args.model}")
-        if block_size > reference.config.block_size:
-            raise UserError(f"--reference {args.reference} has a context of {reference.config.block_size}, "
-                            f"shorter than the block size {block_size}")
-    result = evaluate_tokens(model, dataset.tokens(args.split), tokenizer.token_bytes, block_size,
-                             args.batch_size, args.max_tokens, progress=True, reference=reference)
-    result = {"model": str(args.model), "split": args.split, **result}
-    if reference is not None:
-        result["reference"] = str(args.reference)
-    if args.json:
+    settings, output = cli.parse(build_parser(), argv)
+    result = evaluate(settings)
+    if output.json:
         cli.print_json(result)
     else:
-        print(f"{args.split} loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+        print(f"{result['split']} loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
               f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
-        if reference is not None:
+        if "kl" in result:
             print(f"KL(reference || model) {result['kl']:.5f} nats/token  "
                   f"top-1 agreement {result['top1_agreement']:.2%}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ import torch
 from leangpt import cli
 from leangpt.calibration import calibration_tokens
 from leangpt.checkpoint import load_checkpoint, save_checkpoint
+from leangpt.cli import setting
 from leangpt.data.shards import Dataset
+from leangpt.data.tokenizer import TextTokenizer
 from leangpt.device import pick_device
 from leangpt.errors import UserError
 from leangpt.fsutil import atomic_dir, check_output_dir
@@ -35,41 +38,77 @@ def recovery_defaults() -> TrainConfig:
     return TrainConfig(lr=3e-4, warmup_steps=None, eval_every=0, eval_tokens=65536, log_every=10)
 
 
-def validate(args: Any) -> tuple[float | None, tuple[int, int] | None]:
-    """Check the option combination before any work; returns (sparsity, pattern)."""
-    pattern = parse_pattern(args.pattern) if args.pattern else None
-    sparsity = args.sparsity
-    if args.method == "structured":
-        if sparsity is not None or pattern is not None:
+@dataclass
+class PruneSettings:
+    model: Path | None = setting(None, "checkpoint directory to prune", required=True)
+    method: str | None = setting(None, "how to choose what to remove", choices=METHODS, required=True)
+    sparsity: float | None = setting(None, "fraction of each block linear layer's weights to zero (unstructured)")
+    pattern: str | None = setting(None, "N:M semi-structured sparsity, e.g. 2:4 keeps 2 of every 4 consecutive inputs")
+    scope: str = setting("layer", "layer: the same fraction in every layer; global: rank across layers "
+                                  "(magnitude, structured)", choices=["layer", "global"])
+    heads: float | None = setting(None, "structured: fraction of attention heads to remove (whole KV groups)")
+    neurons: float | None = setting(None, "structured: fraction of MLP neurons to remove")
+    calib_data: Path | None = setting(None, "dataset dir (from `leangpt prepare`) for calibration and recovery")
+    calib_samples: int = setting(128, "calibration windows drawn from the train split")
+    calib_seq_len: int | None = setting(None, "tokens per calibration window (default: the model's block_size)")
+    recover_steps: int = setting(0, "fine-tuning steps after pruning; 0 skips recovery")
+    recover_loss: str = setting("lm", "recovery objective: LM loss, or distillation from the unpruned model",
+                                choices=["lm", "distill"])
+    seed: int = setting(0, "seed for drawing calibration windows")
+    device: str = setting("auto", "auto, cpu, cuda, ...")
+    overwrite: bool = setting(False, "replace an existing output directory")
+    out: Path | None = setting(None, "checkpoint directory to write", required=True)
+    recovery: TrainConfig = setting(recovery_defaults(), "recovery fine-tuning settings, as for `leangpt train` "
+                                    "(--set lr=3e-4; recovery.KEY for the names prune has too)", flatten=True)
+
+    def validate(self) -> tuple[float | None, tuple[int, int] | None]:
+        """Check the option combination before any work; returns (sparsity, pattern), the sparsity implied by
+        --pattern where only that was given."""
+        pattern = parse_pattern(self.pattern) if self.pattern else None
+        sparsity = self._check_structured() if self.method == "structured" else self._check_unstructured(pattern)
+        needs_data = self.method != "magnitude" or self.recover_steps > 0
+        if needs_data and self.calib_data is None:
+            with_recovery = " with --recover-steps" if self.recover_steps else ""
+            raise UserError(f"--method {self.method}{with_recovery} needs --calib-data DIR")
+        if self.recover_steps < 0 or self.calib_samples < 1:
+            raise UserError("--recover-steps must be >= 0 and --calib-samples >= 1")
+        if self.recover_steps:
+            self.recovery_config().validate()
+        return sparsity, pattern
+
+    def _check_structured(self) -> None:
+        if self.sparsity is not None or self.pattern:
             raise UserError("--method structured takes --heads and --neurons, not --sparsity / --pattern")
-        if args.heads is None and args.neurons is None:
+        if self.heads is None and self.neurons is None:
             raise UserError("--method structured needs --heads and/or --neurons (fractions to remove)")
         for name in ("heads", "neurons"):
-            value = getattr(args, name)
+            value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise UserError(f"--{name} must be in [0, 1), got {value}")
-    else:
-        if args.heads is not None or args.neurons is not None:
+
+    def _check_unstructured(self, pattern: tuple[int, int] | None) -> float:
+        if self.heads is not None or self.neurons is not None:
             raise UserError("--heads / --neurons need --method structured")
+        sparsity = self.sparsity
         if pattern is not None:
             implied = 1 - pattern[0] / pattern[1]
             if sparsity is not None and abs(sparsity - implied) > 1e-9:
-                raise UserError(f"--pattern {args.pattern} means sparsity {implied:g}; drop --sparsity or make it match")
+                raise UserError(f"--pattern {self.pattern} means sparsity {implied:g}; "
+                                "drop --sparsity or make it match")
             sparsity = implied
-            if args.scope == "global":
+            if self.scope == "global":
                 raise UserError("--scope global is for unstructured magnitude and structured pruning, not N:M")
         if sparsity is None:
-            raise UserError(f"--method {args.method} needs --sparsity (or --pattern N:M)")
+            raise UserError(f"--method {self.method} needs --sparsity (or --pattern N:M)")
         if not 0 <= sparsity < 1:
             raise UserError(f"--sparsity must be in [0, 1), got {sparsity}")
-        if args.scope == "global" and args.method != "magnitude":
-            raise UserError(f"--scope global applies to magnitude and structured; {args.method} prunes per layer")
-    needs_data = args.method != "magnitude" or args.recover_steps > 0
-    if needs_data and args.calib_data is None:
-        raise UserError(f"--method {args.method}{' with --recover-steps' if args.recover_steps else ''} needs --calib-data DIR")
-    if args.recover_steps < 0 or args.calib_samples < 1:
-        raise UserError("--recover-steps must be >= 0 and --calib-samples >= 1")
-    return sparsity, pattern
+        if self.scope == "global" and self.method != "magnitude":
+            raise UserError(f"--scope global applies to magnitude and structured; {self.method} prunes per layer")
+        return sparsity
+
+    def recovery_config(self) -> TrainConfig:
+        """The recovery training settings with prune's step count and device."""
+        return dataclasses.replace(self.recovery, max_steps=self.recover_steps, device=self.device)
 
 
 def prune_model(model: GPT, method: str, tokens: torch.Tensor | None, sparsity: float | None = None,
@@ -106,83 +145,83 @@ def recovery_loss(kind: str, teacher: GPT | None, student: GPT):
     return DistillLoss(teacher, DistillConfig(), student.config)
 
 
+def _calibration(s: PruneSettings, model: GPT, tokenizer: TextTokenizer) -> torch.Tensor | None:
+    """Calibration windows from s.calib_data's train split (None without --calib-data)."""
+    if s.calib_data is None:
+        return None
+    if Dataset(s.calib_data).manifest.get("tokenizer_sha256") != tokenizer.sha256():
+        raise UserError(f"{s.calib_data} was not tokenized with {s.model}'s tokenizer; "
+                        f"run `leangpt prepare --tokenizer {s.model}`")
+    seq_len = s.calib_seq_len or model.config.block_size
+    if not 0 < seq_len <= model.config.block_size:
+        raise UserError(f"--calib-seq-len must be in 1..{model.config.block_size}")
+    return calibration_tokens(s.calib_data, s.calib_samples, seq_len, seed=s.seed)
+
+
+def _prune(s: PruneSettings, model: GPT, tokens: torch.Tensor | None, sparsity: float | None,
+           pattern: tuple[int, int] | None,
+           parent_meta: dict[str, Any]) -> tuple[GPT, unstructured.Masks, dict[str, Any]]:
+    """Prune and time it; returns (model, masks, leangpt.json's record of the prune)."""
+    params_before = model.num_params()
+    t0 = time.perf_counter()
+    model, masks, summary = prune_model(model, s.method, tokens, sparsity, pattern, s.scope,
+                                        s.heads or 0.0, s.neurons or 0.0)
+    prune_s = time.perf_counter() - t0
+    cli.log(f"pruned with {s.method} in {prune_s:.1f}s: {model.num_params():,} parameters "
+            f"(was {params_before:,})" + (f", sparsity {summary['sparsity']:.1%}" if masks else ""))
+    meta = {"kind": "prune", "parent": str(s.model), "parent_kind": parent_meta.get("kind"),
+            "method": s.method, "pattern": s.pattern, "scope": s.scope, "calib_data": str(s.calib_data),
+            "calib_samples": s.calib_samples if tokens is not None else 0,
+            "params_before": params_before, "params": model.num_params(), "prune_seconds": prune_s,
+            **({"target_sparsity": sparsity} if masks else {"heads_fraction": s.heads, "neurons_fraction": s.neurons}),
+            **summary}
+    return model, masks, meta
+
+
+def _recover(s: PruneSettings, model: GPT, teacher: GPT | None, masks: unstructured.Masks,
+             meta: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune the pruned model into s.out, the masks held after every step; returns the recovery record."""
+    rcfg = s.recovery_config()
+    meta["recovery"] = {"steps": s.recover_steps, "loss": s.recover_loss, "train_config": dataclasses.asdict(rcfg)}
+    final = train(rcfg, s.calib_data, s.out, overwrite=s.overwrite,
+                  loss_fn=recovery_loss(s.recover_loss, teacher, model), extra_meta=meta, model=model,
+                  on_step_end=(lambda m: unstructured.apply_masks(m, masks)) if masks else None)
+    metrics = {k: final[k] for k in ("val_loss", "val_perplexity", "val_bits_per_byte") if k in final}
+    return {**meta["recovery"], **metrics}
+
+
+def prune(s: PruneSettings) -> dict[str, Any]:
+    """Prune s.model into s.out (fine-tuned for s.recover_steps if > 0); returns the checkpoint path, what
+    leangpt.json records of the prune, and the recovery run with its final val metrics."""
+    sparsity, pattern = s.validate()
+    check_output_dir(s.out, s.overwrite)
+    model, tokenizer, parent_meta = load_checkpoint(s.model, pick_device(s.device))
+    tokens = _calibration(s, model, tokenizer)
+    teacher = copy.deepcopy(model) if s.recover_steps and s.recover_loss == "distill" else None
+    model, masks, meta = _prune(s, model, tokens, sparsity, pattern, parent_meta)
+    result: dict[str, Any] = {"checkpoint": str(s.out), **meta}
+    if s.recover_steps:
+        result["recovery"] = _recover(s, model, teacher, masks, meta)
+        if masks:  # the masks held through training: report the sparsity of the saved weights
+            result["layer_sparsity"] = unstructured.sparsity_report(model, masks)
+    else:
+        with atomic_dir(s.out) as tmp:
+            save_checkpoint(tmp, model, tokenizer, meta)
+    return result
+
+
 def build_parser() -> cli.ArgumentParser:
-    p = cli.parser("prune", "Prune a checkpoint: unstructured (magnitude, Wanda, SparseGPT), N:M (--pattern), or "
-                            "structured head/neuron removal that gives a smaller dense model; optionally fine-tune "
-                            "to recover (--recover-steps; recovery settings as for `leangpt train` via --set).")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory to prune")
-    p.add_argument("--method", required=True, choices=METHODS, help="how to choose what to remove")
-    p.add_argument("--sparsity", type=float, help="fraction of each block linear layer's weights to zero (unstructured)")
-    p.add_argument("--pattern", help="N:M semi-structured sparsity, e.g. 2:4 keeps 2 of every 4 consecutive inputs")
-    p.add_argument("--scope", default="layer", choices=["layer", "global"],
-                   help="layer: the same fraction in every layer; global: rank across layers (magnitude, structured)")
-    p.add_argument("--heads", type=float, help="structured: fraction of attention heads to remove (whole KV groups)")
-    p.add_argument("--neurons", type=float, help="structured: fraction of MLP neurons to remove")
-    p.add_argument("--calib-data", type=Path, help="dataset dir (from `leangpt prepare`) for calibration and recovery")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows drawn from the train split")
-    p.add_argument("--calib-seq-len", type=int, help="tokens per calibration window (default: the model's block_size)")
-    p.add_argument("--recover-steps", type=int, default=0, help="fine-tuning steps after pruning; 0 skips recovery")
-    p.add_argument("--recover-loss", default="lm", choices=["lm", "distill"],
-                   help="recovery objective: LM loss, or distillation from the unpruned model")
-    cli.add_overrides(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-    return p
+    return cli.build_parser(PruneSettings, "prune", "Prune a checkpoint: unstructured (magnitude, Wanda, SparseGPT), "
+                            "N:M (--pattern), or structured head/neuron removal that gives a smaller dense model; "
+                            "optionally fine-tune to recover (--recover-steps; recovery settings as for `leangpt "
+                            "train` via --set).")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    sparsity, pattern = validate(args)
-    rcfg = cli.apply_overrides(recovery_defaults(), args.config, args.overrides)
-    if args.recover_steps:
-        rcfg.max_steps, rcfg.device = args.recover_steps, args.device
-        rcfg.validate()
-    check_output_dir(args.out, args.overwrite)
-    device = pick_device(args.device)
-    model, tokenizer, parent_meta = load_checkpoint(args.model, device)
-    tokens = None
-    if args.calib_data is not None:
-        if Dataset(args.calib_data).manifest.get("tokenizer_sha256") != tokenizer.sha256():
-            raise UserError(f"{args.calib_data} was not tokenized with {args.model}'s tokenizer; "
-                            f"run `leangpt prepare --tokenizer {args.model}`")
-        seq_len = args.calib_seq_len or model.config.block_size
-        if not 0 < seq_len <= model.config.block_size:
-            raise UserError(f"--calib-seq-len must be in 1..{model.config.block_size}")
-        tokens = calibration_tokens(args.calib_data, args.calib_samples, seq_len, seed=args.seed)
-    params_before = model.num_params()
-    teacher = copy.deepcopy(model) if args.recover_steps and args.recover_loss == "distill" else None
-
-    t0 = time.perf_counter()
-    model, masks, summary = prune_model(model, args.method, tokens, sparsity, pattern, args.scope,
-                                        args.heads or 0.0, args.neurons or 0.0)
-    prune_s = time.perf_counter() - t0
-    cli.log(f"pruned with {args.method} in {prune_s:.1f}s: {model.num_params():,} parameters "
-            f"(was {params_before:,})" + (f", sparsity {summary['sparsity']:.1%}" if masks else ""))
-    meta = {"kind": "prune", "parent": str(args.model), "parent_kind": parent_meta.get("kind"),
-            "method": args.method, "pattern": args.pattern, "scope": args.scope, "calib_data": str(args.calib_data),
-            "calib_samples": args.calib_samples if tokens is not None else 0,
-            "params_before": params_before, "params": model.num_params(), "prune_seconds": prune_s,
-            **({"target_sparsity": sparsity} if masks else {"heads_fraction": args.heads, "neurons_fraction": args.neurons}),
-            **summary}
-    result: dict[str, Any] = {"checkpoint": str(args.out), **meta}
-    if args.recover_steps:
-        meta["recovery"] = {"steps": args.recover_steps, "loss": args.recover_loss,
-                            "train_config": dataclasses.asdict(rcfg)}
-        final = train(rcfg, args.calib_data, args.out, overwrite=args.overwrite,
-                      loss_fn=recovery_loss(args.recover_loss, teacher, model), extra_meta=meta,
-                      model=model, on_step_end=(lambda m: unstructured.apply_masks(m, masks)) if masks else None)
-        if masks:  # the masks held through training: report the sparsity of the saved weights
-            result["layer_sparsity"] = unstructured.sparsity_report(model, masks)
-        result["recovery"] = {**meta["recovery"], **{k: final[k] for k in ("val_loss", "val_perplexity",
-                                                                           "val_bits_per_byte") if k in final}}
-    else:
-        with atomic_dir(args.out) as tmp:
-            save_checkpoint(tmp, model, tokenizer, meta)
-    if args.json:
+    settings, output = cli.parse(build_parser(), argv)
+    result = prune(settings)
+    if output.json:
         cli.print_json(result)
     else:
-        cli.log(f"saved {args.out}")
+        cli.log(f"saved {result['checkpoint']}")
     return 0

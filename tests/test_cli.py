@@ -32,6 +32,31 @@ def test_eval_json(tiny_checkpoint, dataset_dir, capsys):
     assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
 
 
+def test_eval_library_call_matches_the_command(tiny_checkpoint, dataset_dir, capsys):
+    from leangpt.evaluate import EvalSettings, evaluate
+
+    argv = ["eval", "--model", str(tiny_checkpoint), "--data", str(dataset_dir), "--max-tokens", "256",
+            "--reference", str(tiny_checkpoint), "--json"]
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0
+    result = evaluate(EvalSettings(model=tiny_checkpoint, data=dataset_dir, max_tokens=256,
+                                   reference=tiny_checkpoint, progress=False))
+    assert json.loads(out) == json.loads(json.dumps(result))
+    assert set(result) == {"model", "split", "loss", "perplexity", "bits_per_byte", "tokens", "bytes",
+                           "kl", "top1_agreement", "reference"}
+    assert result["tokens"] == 256 and result["kl"] == pytest.approx(0, abs=1e-6) and result["top1_agreement"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--block-size", "100000"], "--block-size must be in 1.."),
+    (["--set", "batch_size=0"], "--batch-size must be >= 1"),
+    (["--split", "test"], "expected one of val, train"),
+])
+def test_eval_rejects_bad_settings(tiny_checkpoint, dataset_dir, capsys, args, message):
+    code, _, err = run_cli(["eval", "--model", str(tiny_checkpoint), "--data", str(dataset_dir), *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_generate_same_seed_same_text(tiny_checkpoint, capsys):
     args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "The king", "--max-new-tokens", "20", "--seed", "7"]
     runs = [run_cli(args + ["--json"], capsys) for _ in range(2)]

@@ -253,6 +253,28 @@ def test_cli_recovery_keeps_the_masks(tiny_checkpoint, dataset_dir, tmp_path, ca
         assert float((lin.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
 
 
+def test_recovery_settings_take_plain_and_prefixed_keys():
+    from leangpt import cli, prune
+
+    settings, _ = cli.parse(prune.build_parser(), [
+        "--model", "m", "--out", "o", "--method", "magnitude", "--pattern", "2:4", "--calib-data", "d",
+        "--recover-steps", "7", "--device", "cpu", "--seed", "3", "--set", "lr=0.01", "--set", "batch_size=4",
+        "--set", "recovery.seed=5"])
+    assert settings.validate() == (0.5, (2, 4))  # the sparsity --pattern implies
+    assert (settings.seed, settings.recovery.seed) == (3, 5)  # names prune has too take the recovery. prefix
+    rcfg = settings.recovery_config()
+    assert (rcfg.lr, rcfg.batch_size, rcfg.max_steps, rcfg.device) == (0.01, 4, 7, "cpu")
+    assert prune.PruneSettings().recovery == prune.recovery_defaults()
+
+
+def test_library_call_writes_the_checkpoint(tiny_checkpoint, tmp_path):
+    from leangpt.prune import PruneSettings, prune
+
+    result = prune(PruneSettings(model=tiny_checkpoint, out=tmp_path / "m", method="magnitude", sparsity=0.25))
+    assert result["checkpoint"] == str(tmp_path / "m") and result["sparsity"] == pytest.approx(0.25)
+    assert load_checkpoint(tmp_path / "m")[2]["target_sparsity"] == 0.25 and "recovery" not in result
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "wanda", "--sparsity", "0.5"], "needs --calib-data"),
     (["--method", "magnitude", "--sparsity", "1.5"], "--sparsity must be in"),
@@ -260,6 +282,9 @@ def test_cli_recovery_keeps_the_masks(tiny_checkpoint, dataset_dir, tmp_path, ca
     (["--method", "magnitude"], "needs --sparsity"),
     (["--method", "structured", "--sparsity", "0.5"], "takes --heads"),
     (["--method", "wanda", "--sparsity", "0.5", "--scope", "global", "--calib-data", "x"], "prunes per layer"),
+    (["--method", "structured", "--heads", "0.5", "--calib-data", "x", "--recover-steps", "2", "--set", "lr=0"],
+     "lr must be > 0"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--set", "recovery.lr=fast"], "bad value for recovery.lr"),
 ])
 def test_cli_rejects_bad_options(tiny_checkpoint, tmp_path, capsys, args, message):
     code, _, err = run_cli(["prune", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"), *args], capsys)
