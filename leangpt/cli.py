@@ -13,6 +13,7 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -49,8 +50,7 @@ def setting(default: Any = None, help: str = "", *, flag: str | None = None, cho
             "required": required, "metavar": metavar, "schema": schema, "cli": cli, "flatten": flatten}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
-        copy = (lambda: type(value)(value)) if isinstance(value, (list, dict)) else (lambda: dataclasses.replace(value))
-        return dataclasses.field(default_factory=copy, metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
