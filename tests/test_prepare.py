@@ -293,6 +293,9 @@ def test_flags_fill_the_settings():
     (["--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
     (["--workers", "0"], "--workers must be at least 1"),
     (["--num-perm", "1"], "--num-perm must be at least 2"),
+    (["--num-perm", "64"], "--split-group-threshold 0.05: finding pairs at Jaccard 0.1 with chance 0.999 needs at "
+                           "least 66 permutations, got 64"),
+    (["--near-dup-threshold", "1"], "--near-dup-threshold must be in [0, 1)"),
 ])
 def test_bad_settings_fail_before_any_work(tmp_path, capsys, args, message):
     out = tmp_path / "out"

@@ -11,6 +11,7 @@ whose band is equal. Memory is the (N, num_perm) uint32 signature matrix plus O(
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,22 +55,53 @@ class MinHasher:
         return (best >> np.uint64(32)).astype(np.uint32)  # the shift is monotone: min, then shift
 
 
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) with bands * rows <= num_perm minimising false positives + false negatives around threshold.
+# Candidates are verified by their estimated Jaccard, so a false candidate costs one signature comparison while a
+# missed one leaves a duplicate in: the banding is chosen for recall first.
+RECALL = 0.999  # chance that a pair RECALL_MARGIN above the threshold shares a band
+RECALL_MARGIN = 0.05
 
-    The probability that two documents of Jaccard s share a band is 1 - (1 - s**rows)**bands; the error areas
-    are integrated numerically, the same criterion as datasketch's MinHashLSH with equal weights.
-    """
+
+def candidate_probability(jaccard: float | np.ndarray, bands: int, rows: int) -> float | np.ndarray:
+    """Chance that two documents of this Jaccard share at least one band: 1 - (1 - J**rows)**bands."""
+    with np.errstate(divide="ignore"):  # J = 1: log(0) = -inf gives chance 1
+        return -np.expm1(bands * np.log1p(-np.asarray(jaccard, dtype=np.float64) ** rows))
+
+
+def recall_point(threshold: float) -> float:
+    """The Jaccard at which a pair must become a candidate with chance RECALL: threshold + RECALL_MARGIN, or
+    halfway from the threshold to 1 when that is closer."""
+    return min(threshold + RECALL_MARGIN, (1 + threshold) / 2)
+
+
+def _bands_needed(jaccard: float, rows: int) -> float:
+    """Bands of `rows` rows that give a pair of this Jaccard chance RECALL, unrounded (inf when J**rows underflows)."""
+    one_band_misses = math.log1p(-jaccard ** rows)
+    return math.log(1 - RECALL) / one_band_misses if one_band_misses < 0 else math.inf
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm: of the bandings that make a pair at recall_point(threshold) a
+    candidate with chance RECALL, the one with the fewest false candidates (the candidate probability integrated
+    over Jaccard 0..threshold). Raises ValueError when num_perm is too small for any banding to reach it."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    best, best_err = (1, num_perm), float("inf")
-    lo, hi = np.linspace(0, threshold, 201), np.linspace(threshold, 1, 201)
-    for bands in range(1, num_perm + 1):
-        for rows in range(1, num_perm // bands + 1):
-            fp = np.trapezoid(1 - (1 - lo**rows) ** bands, lo)
-            fn = np.trapezoid(1 - (1 - (1 - hi**rows) ** bands), hi)
-            if fp + fn < best_err:
-                best, best_err = (bands, rows), fp + fn
+    target = recall_point(threshold)
+    below = np.linspace(0, threshold, 201)
+    best, best_false = None, float("inf")
+    for rows in range(1, num_perm + 1):
+        needed = _bands_needed(target, rows)
+        if needed * rows > num_perm:
+            continue
+        bands = max(1, math.ceil(needed))
+        while candidate_probability(target, bands, rows) < RECALL:  # the rounded-up count may still fall short
+            bands += 1
+        false = float(np.trapezoid(candidate_probability(below, bands, rows), below))
+        if bands * rows <= num_perm and false < best_false:
+            best, best_false = (bands, rows), false
+    if best is None:
+        need = min(math.ceil(n) * r for r in range(1, num_perm + 1) if (n := _bands_needed(target, r)) < math.inf)
+        raise ValueError(f"finding pairs at Jaccard {target:.3g} with chance {RECALL} needs at least {need} "
+                         f"permutations, got {num_perm}")
     return best
 
 
@@ -104,6 +136,7 @@ class NearDupResult:
     pairs: list[tuple[int, int, float]]  # (i, j, estimated Jaccard) of every confirmed candidate pair
     bands: int
     rows: int
+    candidates: int  # signature comparisons made (one per document and band it shares with an earlier one)
 
 
 def near_duplicates(signatures: np.ndarray, threshold: float) -> NearDupResult:
@@ -116,6 +149,7 @@ def near_duplicates(signatures: np.ndarray, threshold: float) -> NearDupResult:
     bands, rows = lsh_params(threshold, num_perm)
     uf = UnionFind(n)
     pairs: dict[tuple[int, int], float] = {}
+    candidates = 0
     for band in range(bands):
         cols = signatures[:, band * rows:(band + 1) * rows].astype(np.uint64)
         key = cols[:, 0].copy()
@@ -129,6 +163,7 @@ def near_duplicates(signatures: np.ndarray, threshold: float) -> NearDupResult:
         new_run = np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]])
         heads = order[np.flatnonzero(new_run)][np.cumsum(new_run) - 1]
         cand_j, cand_h = order[~new_run], heads[~new_run]
+        candidates += len(cand_j)
         for c in range(0, len(cand_j), 1 << 16):  # bound the (C, num_perm) comparison to a few MB
             j, h = cand_j[c:c + (1 << 16)], cand_h[c:c + (1 << 16)]
             agree = (signatures[j] == signatures[h]).mean(axis=1)  # estimated Jaccard vs the head
@@ -136,4 +171,4 @@ def near_duplicates(signatures: np.ndarray, threshold: float) -> NearDupResult:
                                    agree[agree >= threshold].tolist()):
                 pairs[(hi, ji)] = est
                 uf.union(hi, ji)
-    return NearDupResult(uf.groups(), [(i, j, e) for (i, j), e in sorted(pairs.items())], bands, rows)
+    return NearDupResult(uf.groups(), [(i, j, e) for (i, j), e in sorted(pairs.items())], bands, rows, candidates)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from leangpt import cli
 from leangpt.cli import setting
 from leangpt.data.clean import CLEAN_STEPS, clean
-from leangpt.data.dedup import MinHasher, exact_key, near_duplicates
+from leangpt.data.dedup import MinHasher, exact_key, lsh_params, near_duplicates
 from leangpt.data.filters import FILTER_NAMES, FilterSettings, failing_filter
 from leangpt.data.shards import token_dtype
 from leangpt.data.sources import DEFAULT_INCLUDE, Document, ReadOptions, SourceSpec, SourceStats, read_source
@@ -44,8 +44,6 @@ from leangpt.fsutil import atomic_dir, check_output_dir
 # enough that a task's overhead (pickling, scheduling) stays under 1%.
 BATCH_BYTES = 1 << 20
 TOKENIZER_SAMPLE_BYTES = 4 << 20  # default BPE training sample; BENCHMARKS.md has its effect on bytes per token
-
-
 SPLITS = ("train", "val")  # split_of values 0 and 1; -1 marks a removed document
 
 
@@ -103,16 +101,21 @@ class PrepareSettings:
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
-        for name, thr in (("--near-dup-threshold", self.near_dup_threshold),
-                          ("--split-group-threshold", self.split_group_threshold)):
-            if not 0.0 <= thr < 1.0:
-                raise UserError(f"{name} must be in [0, 1), got {thr}")
         if self.tokenizer is None and self.tokenizer_sample_bytes < 1:
             raise UserError(f"--tokenizer-sample-bytes must be at least 1, got {self.tokenizer_sample_bytes}")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.num_perm < 2 or self.shingle < 1:
             raise UserError(f"--num-perm must be at least 2 and --shingle at least 1, got {self.num_perm} and {self.shingle}")
+        for name, thr in (("--near-dup-threshold", self.near_dup_threshold),
+                          ("--split-group-threshold", self.split_group_threshold)):
+            if not 0.0 <= thr < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {thr}")
+            try:
+                if thr:
+                    lsh_params(thr, self.num_perm)  # the banding that finds pairs just above thr needs enough
+            except ValueError as e:
+                raise UserError(f"{name} {thr}: {e}; raise --num-perm or the threshold") from None
         self.quality_filters()
 
     def read_options(self) -> ReadOptions:
