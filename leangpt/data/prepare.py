@@ -79,10 +79,7 @@ class PrepareSettings:
                                         "(the same as --set filters.min_words=20, "
                                         "--set filters.max_top_ngram_char_fraction.n2=0.25); repeatable",
                                     metavar="KEY=VALUE")
-    # A fresh FilterSettings per instance: setting() copies a dataclass default shallowly, so its nested limits and
-    # switches would be one object shared by every PrepareSettings.
-    filters: FilterSettings = dataclasses.field(default_factory=FilterSettings,
-                                                metadata=setting(help="quality-filter thresholds and switches").metadata)
+    filters: FilterSettings = setting(FilterSettings(), "quality-filter thresholds and switches")
     exact_dedup: bool = setting(True, "keep documents whose normalised text is identical")
     near_dup_threshold: float = setting(0.8, "MinHash Jaccard (word 5-shingles) at which documents are "
                                              "near-duplicates; one per cluster is kept; 0 turns near-dedup off")
