@@ -1,17 +1,18 @@
 """`leangpt generate`: text from one prompt (streamed to the terminal) or a file of prompts (JSONL out).
 
-The engine (leangpt/engine.py) works on token ids; this module is the text layer on top: tokenizing, stop
-strings, and streaming text that never splits a UTF-8 character.
+The engine (leangpt/engine.py) works on token ids; this module is the text layer on top, for `generate` and
+`serve` alike: tokenizing, stop strings, and text pieces that never split a UTF-8 character. Its one loop,
+TextGeneration, turns the tokens of an engine Generation (or of a speculative one) into text as they come.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -19,47 +20,63 @@ from tqdm import tqdm
 
 from leangpt import cli
 from leangpt.checkpoint import load_checkpoint
-from leangpt.data.tokenizer import TextTokenizer
+from leangpt.cli import setting
+from leangpt.data.tokenizer import StreamDecoder, TextTokenizer
 from leangpt.device import pick_device
 from leangpt.engine import Completion, Engine, Request
 from leangpt.errors import UserError
 from leangpt.sampling import SamplingConfig
-from leangpt.speculative import SpeculativeGeneration, SpeculativeStats
+from leangpt.speculative import SpeculativeGeneration, SpeculativeRow, SpeculativeStats
 
-__all__ = ["SamplingConfig", "TextStream", "TextRequest", "generate_ids", "generate_texts", "stream_text"]
+__all__ = ["GenerateSettings", "SamplingConfig", "TextGeneration", "TextRequest", "TextStream", "decode_texts",
+           "generate", "generate_ids", "generate_texts", "stream_text", "token_steps"]
 
+
+# ---------------------------------------------------------------- the text layer
 
 class TextStream:
-    """Incremental text of one row: pieces never split a UTF-8 character, and text that may be the start of a
-    stop string is held back until it is known not to be one. `stopped` turns True when a stop string appears;
-    `text` is then cut just before it."""
+    """Incremental text of one row: pieces never split a UTF-8 character (StreamDecoder), and text that may be
+    the start of a stop string is held back until it is known not to be one. `stopped` turns True when a stop
+    string appears; `text` is then cut just before it, and `ids` ends with the token that completed it."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: list[str] | tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = [s for s in stop if s]
+        self.longest_stop = max(map(len, self.stop), default=0)
         self.text = ""
         self.sent = 0  # characters of text already handed out
         self.stopped = False
+
+    @property
+    def ids(self) -> list[int]:
+        return self.decoder.ids
 
     def add(self, token: int) -> str:
         """Take one token; return the text that is now safe to show (may be empty)."""
         if self.stopped:
             return ""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text, self.stopped = self.text[:min(cuts)], True
-            return self._send(len(self.text))
-        # Decoding stops short of an incomplete multi-byte character as U+FFFD: wait for its other bytes.
-        safe = len(self.text.rstrip("\ufffd"))
-        hold = next((h for h in range(min(safe, max(map(len, self.stop), default=1) - 1), 0, -1)
-                     if any(s.startswith(self.text[safe - h:safe]) for s in self.stop)), 0)
-        return self._send(safe - hold)
+        return self._extend(self.decoder.add(token))
 
     def finish(self) -> str:
         """The text still held back, once no more tokens will come."""
+        if not self.stopped:
+            self._extend(self.decoder.finish())
         return self._send(len(self.text))
+
+    def _extend(self, new: str) -> str:
+        if not new:
+            return ""
+        start = len(self.text)
+        self.text += new
+        # The text before `start` held no stop string, so a new one ends in `new`: search from where it may begin.
+        cuts = [i for i in (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.stopped = self.text[:min(cuts)], True
+            return self._send(len(self.text))
+        end = len(self.text)
+        hold = next((h for h in range(min(end, self.longest_stop - 1), 0, -1)
+                     if any(s.startswith(self.text[end - h:]) for s in self.stop)), 0)
+        return self._send(end - hold)
 
     def _send(self, upto: int) -> str:
         piece = self.text[self.sent:upto] if upto > self.sent else ""
@@ -82,9 +99,30 @@ def to_request(tokenizer: TextTokenizer, req: TextRequest, eos: bool) -> Request
                    (tokenizer.eos_id,) if eos else ())
 
 
-def text_result(req: TextRequest, stream: TextStream, completion: Completion, logprobs: bool) -> dict[str, Any]:
+class TokenSteps(Protocol):
+    """What the text layer reads: an engine Generation, or a speculative one as a SpeculativeRow."""
+
+    completions: list[Completion]  # filled once iteration ends
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]: ...  # each step's (row, token) of the running rows
+
+    def stop(self, row: int) -> None: ...
+
+
+def token_steps(engine: Engine, tokenizer: TextTokenizer, requests: list[TextRequest], stop_at_eos: bool = True,
+                draft: nn.Module | None = None, draft_tokens: int = 4) -> TokenSteps:
+    """The tokens of text requests: the engine's batched generation, or with a draft model speculative decoding
+    (one request)."""
+    ids = [to_request(tokenizer, r, stop_at_eos) for r in requests]
+    if draft is None:
+        return engine.start(ids)
+    if len(ids) != 1:
+        raise ValueError(f"speculative decoding takes one request at a time, got {len(ids)}")
+    return SpeculativeRow(SpeculativeGeneration(engine.model, draft, ids[0], draft_tokens))
+
+
+def _record(req: TextRequest, stream: TextStream, completion: Completion, logprobs: bool) -> dict[str, Any]:
     """One finished row as generate's JSON record (the text cut at a stop string, counts to match)."""
-    stream.finish()
     n = len(completion.tokens)
     if stream.stopped:  # the tokens up to and including the one that completed the stop string
         n = len(stream.ids)
@@ -96,63 +134,58 @@ def text_result(req: TextRequest, stream: TextStream, completion: Completion, lo
     return out
 
 
+class TextGeneration:
+    """The decode-to-text loop. Iterate for (row, piece) as each row's text becomes safe to show: pieces never
+    split a UTF-8 character nor show a stop string or text that may begin one, and a row's pieces join to its
+    final text. A row ends at a stop string, or within one step once `cancelled(row)` is True. When iteration
+    ends, `results` holds one record per row: prompt, text, tokens, finish_reason (with `logprobs`, also
+    token_ids and their logprobs)."""
+
+    def __init__(self, steps: TokenSteps, tokenizer: TextTokenizer, requests: list[TextRequest],
+                 logprobs: bool = False, cancelled: Callable[[int], bool] | None = None) -> None:
+        self.steps, self.requests, self.logprobs, self.cancelled = steps, requests, logprobs, cancelled
+        self.streams = [TextStream(tokenizer, r.stop) for r in requests]
+        self.results: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        for step in self.steps:
+            for row, tok in step:
+                stream = self.streams[row]
+                if piece := stream.add(tok):
+                    yield row, piece
+                if stream.stopped or (self.cancelled is not None and self.cancelled(row)):
+                    self.steps.stop(row)
+        for row, stream in enumerate(self.streams):
+            if piece := stream.finish():
+                yield row, piece
+        self.results = [_record(r, s, c, self.logprobs)
+                        for r, s, c in zip(self.requests, self.streams, self.steps.completions)]
+
+
+def decode_texts(steps: TokenSteps, tokenizer: TextTokenizer, requests: list[TextRequest], *, logprobs: bool = False,
+                 on_text: Callable[[int, str], None] | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
+    """Run TextGeneration to the end: on_text(row, piece) for each piece as it comes; one record per row."""
+    text = TextGeneration(steps, tokenizer, requests, logprobs, cancelled)
+    for row, piece in text:
+        if on_text is not None:
+            on_text(row, piece)
+    return text.results
+
+
 def generate_texts(engine: Engine, tokenizer: TextTokenizer, requests: list[TextRequest], logprobs: bool = False,
                    stop_at_eos: bool = True) -> list[dict[str, Any]]:
     """One batch of prompts to one result each: prompt, text, tokens, finish_reason (and logprobs)."""
-    gen = engine.start([to_request(tokenizer, r, stop_at_eos) for r in requests])
-    streams = [TextStream(tokenizer, r.stop) for r in requests]
-    for step in gen:
-        for row, tok in step:
-            streams[row].add(tok)
-            if streams[row].stopped:
-                gen.stop(row)
-    return [text_result(r, s, c, logprobs) for r, s, c in zip(requests, streams, gen.completions)]
+    return decode_texts(token_steps(engine, tokenizer, requests, stop_at_eos), tokenizer, requests, logprobs=logprobs)
 
 
 def stream_text(engine: Engine, tokenizer: TextTokenizer, request: TextRequest,
                 draft: nn.Module | None = None, draft_tokens: int = 4,
                 stop_at_eos: bool = True) -> Iterator[str]:
     """Text pieces of one completion as they are generated; with a draft model, by speculative decoding."""
-    ids = to_request(tokenizer, request, stop_at_eos)
-    stream = TextStream(tokenizer, request.stop)
-    if draft is None:
-        gen = engine.start([ids])
-        for step in gen:
-            for _, tok in step:
-                if piece := stream.add(tok):
-                    yield piece
-                if stream.stopped:
-                    gen.stop(0)
-    else:
-        spec = SpeculativeGeneration(engine.model, draft, ids, draft_tokens)
-        for new in spec:
-            for tok in new:
-                if piece := stream.add(tok):
-                    yield piece
-            if stream.stopped:
-                spec.stop()
-    if piece := stream.finish():
+    steps = token_steps(engine, tokenizer, [request], stop_at_eos, draft, draft_tokens)
+    for _, piece in TextGeneration(steps, tokenizer, [request]):
         yield piece
-
-
-def speculative_text(target: nn.Module, draft: nn.Module, tokenizer: TextTokenizer, request: TextRequest,
-                     draft_tokens: int, logprobs: bool = False, stop_at_eos: bool = True) -> dict[str, Any]:
-    """One prompt by speculative decoding: the result with its acceptance rate."""
-    spec = SpeculativeGeneration(target, draft, to_request(tokenizer, request, stop_at_eos), draft_tokens)
-    stream = TextStream(tokenizer, request.stop)
-    for new in spec:
-        for tok in new:
-            stream.add(tok)
-        if stream.stopped:
-            spec.stop()
-    result = text_result(request, stream, spec.completion, logprobs)
-    result.update(_spec_stats(spec.stats))
-    return result
-
-
-def _spec_stats(stats: SpeculativeStats) -> dict[str, Any]:
-    return {"acceptance_rate": round(stats.acceptance_rate, 4), "rounds": stats.rounds,
-            "draft_tokens_proposed": stats.drafted, "draft_tokens_accepted": stats.accepted}
 
 
 def generate_ids(model: nn.Module, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig,
@@ -166,40 +199,47 @@ def generate_ids(model: nn.Module, prompt: list[int], max_new_tokens: int, sampl
 
 # ---------------------------------------------------------------- the command
 
-def build_parser() -> cli.ArgumentParser:
-    p = cli.parser("generate", "Generate text from a prompt, or from a file of prompts (one per line) to JSONL.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text to continue (streamed to the terminal unless --json)")
-    src.add_argument("--prompts", type=Path, help="file with one prompt per line (empty lines skipped); prints one "
-                                                  "JSON object per prompt (JSONL), in order")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most, per prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 disables")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens less likely than this fraction of the most likely one; 0 disables")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide positive (multiply negative) logits of tokens already seen; 1 disables")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="subtract this times the token's count in the output from its logit")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="subtract this from the logit of every token already in the output")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop a completion where this text appears (not included); repeatable")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text (prompt i of a "
-                                            "--prompts file uses seed + i)")
-    p.add_argument("--logprobs", action="store_true",
-                   help="add token ids and their log-probabilities under the model to the JSON output")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts of a --prompts file decoded together")
-    p.add_argument("--draft", type=Path, help="draft checkpoint for speculative decoding (same tokenizer)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="draft tokens proposed per speculative round")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (pays off only for long runs; falls back to eager on failure)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of streaming text")
-    return p
+@dataclass
+class GenerateSettings:
+    prompt: str = setting("", "text to continue (streamed to the terminal unless --json)")
+    prompts: Path | None = setting(None, "file with one prompt per line (empty lines skipped); prints one JSON "
+                                         "object per prompt (JSONL), in order")
+    model: Path | None = setting(None, "checkpoint directory", required=True)
+    max_new_tokens: int = setting(100, "tokens to generate at most, per prompt")
+    temperature: float = setting(0.8, "sampling temperature; 0 is greedy")
+    top_k: int = setting(0, "sample among the k most likely tokens; 0 disables")
+    top_p: float = setting(1.0, "nucleus sampling mass; 1 disables")
+    min_p: float = setting(0.0, "drop tokens less likely than this fraction of the most likely one; 0 disables")
+    repetition_penalty: float = setting(1.0, "divide positive (multiply negative) logits of tokens already seen; "
+                                             "1 disables")
+    frequency_penalty: float = setting(0.0, "subtract this times the token's count in the output from its logit")
+    presence_penalty: float = setting(0.0, "subtract this from the logit of every token already in the output")
+    stop: list[str] = setting([], "stop a completion where this text appears (not included); repeatable",
+                              metavar="TEXT")
+    ignore_eos: bool = setting(False, "keep generating past the end-of-text token")
+    seed: int | None = setting(None, "random seed: the same seed gives the same text (prompt i of a --prompts file "
+                                     "uses seed + i)")
+    logprobs: bool = setting(False, "add token ids and their log-probabilities under the model to the JSON output")
+    batch_size: int = setting(8, "prompts of a --prompts file decoded together")
+    draft: Path | None = setting(None, "draft checkpoint for speculative decoding (same tokenizer)")
+    draft_tokens: int = setting(4, "draft tokens proposed per speculative round")
+    compile: bool = setting(False, "torch.compile the decode step (pays off only for long runs; falls back to "
+                                   "eager on failure)")
+    device: str = setting("auto", "auto, cpu, cuda, ...")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                              self.frequency_penalty, self.presence_penalty)
+
+    def validate(self) -> None:
+        if self.prompt and self.prompts is not None:
+            raise UserError("--prompts is not allowed with --prompt: give one of them")
+        if not self.prompt and self.prompts is None:
+            raise UserError("give a --prompt TEXT or a --prompts FILE")
+        for name in ("max_new_tokens", "batch_size", "draft_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        self.sampling().validate()
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -214,48 +254,102 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
-                              args.frequency_penalty, args.presence_penalty)
-    sampling.validate()
-    prompts = _read_prompts(args.prompts) if args.prompts else [args.prompt]
-    device = pick_device(args.device)
-    model, tokenizer, _ = load_checkpoint(args.model, device)
-    draft = None
-    if args.draft is not None:
-        draft, draft_tok, _ = load_checkpoint(args.draft, device)
-        if draft_tok.sha256() != tokenizer.sha256():
-            raise UserError(f"{args.draft}: the draft's tokenizer differs from the model's")
-    engine = Engine(model, compile=args.compile)
-    eos = not args.ignore_eos
-    requests = [TextRequest(p, args.max_new_tokens, sampling, None if args.seed is None else args.seed + i,
-                            tuple(args.stop)) for i, p in enumerate(prompts)]
-    with torch.inference_mode():
-        if args.prompts is None and not args.json:
-            print(args.prompt, end="", flush=True)
-            for piece in stream_text(engine, tokenizer, requests[0], draft, args.draft_tokens, eos):
-                print(piece, end="", flush=True)
-            print()
-            return 0
+def _load_draft(path: Path, tokenizer: TextTokenizer, device: torch.device) -> nn.Module:
+    draft, draft_tokenizer, _ = load_checkpoint(path, device)
+    if draft_tokenizer.sha256() != tokenizer.sha256():
+        raise UserError(f"{path}: the draft's tokenizer differs from the model's")
+    return draft
+
+
+def _spec_stats(stats: SpeculativeStats) -> dict[str, Any]:
+    return {"acceptance_rate": round(stats.acceptance_rate, 4), "rounds": stats.rounds,
+            "draft_tokens_proposed": stats.drafted, "draft_tokens_accepted": stats.accepted}
+
+
+@dataclass
+class _Generator:
+    """A loaded model (and draft) with the settings that apply to every prompt."""
+    s: GenerateSettings
+    engine: Engine
+    tokenizer: TextTokenizer
+    draft: nn.Module | None
+
+    def complete(self, requests: list[TextRequest],
+                 on_text: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
+        steps = token_steps(self.engine, self.tokenizer, requests, not self.s.ignore_eos, self.draft,
+                            self.s.draft_tokens)
+        results = decode_texts(steps, self.tokenizer, requests, logprobs=self.s.logprobs, on_text=on_text)
+        if isinstance(steps, SpeculativeRow):
+            results[0].update(_spec_stats(steps.spec.stats))
+        return results
+
+    def complete_all(self, requests: list[TextRequest],
+                     on_record: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+        """Every request, --batch-size at a time (one at a time with a draft), each record as its batch ends."""
         bar = tqdm(total=len(requests), desc="generate", unit="prompt", file=sys.stderr,
                    disable=len(requests) < 2 or not sys.stderr.isatty())
-        step = 1 if draft is not None else args.batch_size
+        step = 1 if self.draft is not None else self.s.batch_size
+        records: list[dict[str, Any]] = []
         for start in range(0, len(requests), step):
-            chunk = requests[start:start + step]
-            if draft is not None:
-                results = [speculative_text(model, draft, tokenizer, chunk[0], args.draft_tokens, args.logprobs, eos)]
-            else:
-                results = generate_texts(engine, tokenizer, chunk, args.logprobs, eos)
-            for r in results:
-                sys.stdout.write(json.dumps(r) + "\n")
-            sys.stdout.flush()
-            bar.update(len(chunk))
+            for record in self.complete(requests[start:start + step]):
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+            bar.update(min(step, len(requests) - start))
         bar.close()
-    if engine.compile_error:
-        cli.log(f"torch.compile failed, ran eager: {engine.compile_error}")
+        return records
+
+
+def generate(s: GenerateSettings, on_text: Callable[[str], None] | None = None,
+             on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Text from s.prompt or from each line of s.prompts.
+
+    One prompt: returns its record, what `--json` prints (prompt, text, tokens, finish_reason; with logprobs,
+    token_ids and logprobs; with a draft, the acceptance figures); on_text(piece) gets the text as it comes.
+    A prompts file: returns {"records": one record per prompt, in order}; on_record(record) gets each record
+    as soon as its batch is done.
+    """
+    s.validate()
+    prompts = _read_prompts(s.prompts) if s.prompts is not None else [s.prompt]
+    device = pick_device(s.device)
+    model, tokenizer, _ = load_checkpoint(s.model, device)
+    draft = _load_draft(s.draft, tokenizer, device) if s.draft is not None else None
+    gen = _Generator(s, Engine(model, compile=s.compile), tokenizer, draft)
+    sampling = s.sampling()
+    requests = [TextRequest(p, s.max_new_tokens, sampling, None if s.seed is None else s.seed + i, tuple(s.stop))
+                for i, p in enumerate(prompts)]
+    with torch.inference_mode():
+        if s.prompts is None:
+            [result] = gen.complete(requests, None if on_text is None else lambda _, piece: on_text(piece))
+        else:
+            result = {"records": gen.complete_all(requests, on_record)}
+    if gen.engine.compile_error:
+        cli.log(f"torch.compile failed, ran eager: {gen.engine.compile_error}")
+    return result
+
+
+def build_parser() -> cli.ArgumentParser:
+    return cli.build_parser(GenerateSettings, "generate", "Generate text from a prompt, or from a file of prompts "
+                                                          "(one per line) to JSONL.")
+
+
+def _write_jsonl(record: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, output = cli.parse(build_parser(), argv)
+    if s.prompts is not None:
+        generate(s, on_record=_write_jsonl)
+    elif output.json:
+        cli.print_json(generate(s))
+    else:
+        prompt = [s.prompt]  # shown with the first piece, once the model has loaded and the request is accepted
+
+        def show(piece: str) -> None:
+            print(prompt.pop() + piece if prompt else piece, end="", flush=True)
+
+        generate(s, on_text=show)
+        print("".join(prompt))
     return 0

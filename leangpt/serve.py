@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +31,12 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from leangpt import cli
+from leangpt.cli import setting
 from leangpt.data.fastbpe import byte_decoder
 from leangpt.data.tokenizer import TextTokenizer
 from leangpt.engine import Engine, Request, check_request
 from leangpt.errors import UserError
-from leangpt.generate import TextRequest, TextStream, text_result, to_request
+from leangpt.generate import TextRequest, decode_texts, to_request
 from leangpt.sampling import SamplingConfig
 
 log = logging.getLogger("leangpt.serve")
@@ -231,25 +232,19 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
-        gen = self.engine.start([j.request for j in jobs])
-        streams = [TextStream(self.tokenizer, j.text.stop) for j in jobs]
-        for step in gen:
-            for row, tok in step:
-                job, stream = jobs[row], streams[row]
-                piece = stream.add(tok)
-                if piece and job.stream:
-                    job.emit("text", piece)
-                if stream.stopped or job.cancelled:
-                    gen.stop(row)
-        tails = [stream.finish() for stream in streams]
-        results = [text_result(j.text, s, c, j.logprobs) for j, s, c in zip(jobs, streams, gen.completions)]
+
+        def send(row: int, piece: str) -> None:
+            if jobs[row].stream:
+                jobs[row].emit("text", piece)
+
+        results = decode_texts(self.engine.start([j.request for j in jobs]), self.tokenizer, [j.text for j in jobs],
+                               logprobs=any(j.logprobs for j in jobs), on_text=send,
+                               cancelled=lambda row: jobs[row].cancelled)
         tokens = sum(r["tokens"] for r in results)
         s = self.stats  # counted before the replies go out, so a client that got its reply sees its batch
         s.batches, s.rows, s.last_batch_rows, s.tokens = s.batches + 1, s.rows + len(jobs), len(jobs), s.tokens + tokens
         log.info("batch %d: %d rows, %d tokens in %.2f s", s.batches, len(jobs), tokens, time.perf_counter() - t0)
-        for job, tail, result in zip(jobs, tails, results):
-            if job.stream and tail:
-                job.emit("text", tail)
+        for job, result in zip(jobs, results):
             job.emit("done", result)
 
 
@@ -320,7 +315,8 @@ class Server:
         body.check()
         body.sampling().validate()
 
-    def jobs(self, body: _Body, prompts: list[str], max_tokens: int, stops: tuple[str, ...], logprobs: bool) -> tuple[list[Job], asyncio.Queue]:
+    def jobs(self, body: _Body, prompts: list[str], max_tokens: int, stops: tuple[str, ...],
+             logprobs: bool) -> tuple[list[Job], asyncio.Queue]:
         """One checked job per prompt (all checked before any is queued), seeds seed + i as `leangpt generate`."""
         sampling = body.sampling()
         events: asyncio.Queue = asyncio.Queue()
@@ -422,8 +418,8 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
                 "model": name}
         prompt_tokens = sum(len(j.request.prompt) for j in jobs)
         if body.stream:
-            return StreamingResponse(_stream_completions(server, jobs, events, head, prompt_tokens,
-                                                         bool(body.stream_options.get("include_usage"))),
+            return StreamingResponse(_event_stream(server, jobs, events, head, prompt_tokens,
+                                                   bool(body.stream_options.get("include_usage")), _completion_choice),
                                      media_type="text/event-stream")
         results = await server.results(jobs, events)
         choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
@@ -443,8 +439,10 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": name}
         if body.stream:
-            return StreamingResponse(_stream_chat(server, jobs, events, head, prompt_tokens,
-                                                  bool(body.stream_options.get("include_usage"))),
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            return StreamingResponse(_event_stream(server, jobs, events, {**head, "object": "chat.completion.chunk"},
+                                                   prompt_tokens, bool(body.stream_options.get("include_usage")),
+                                                   _chat_choice, role),
                                      media_type="text/event-stream")
         [r] = await server.results(jobs, events)
         choice = {"index": 0, "message": {"role": "assistant", "content": r["text"]},
@@ -455,39 +453,33 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
     return app
 
 
-async def _stream_completions(server: Server, jobs: list[Job], events: asyncio.Queue, head: dict[str, Any],
-                              prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+def _completion_choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+
+def _chat_choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+async def _event_stream(server: Server, jobs: list[Job], events: asyncio.Queue, head: dict[str, Any],
+                        prompt_tokens: int, include_usage: bool,
+                        choice: Callable[[int, str | None, str | None], dict[str, Any]],
+                        first: dict[str, Any] | None = None) -> AsyncIterator[str]:
+    """The Server-Sent Events of a streamed response: `first` (chat's role chunk) if given, a chunk per text
+    piece and one with each choice's finish_reason, the usage if asked for, then [DONE]. `choice(index, text,
+    finish_reason)` shapes a chunk's choice for the endpoint."""
+    if first is not None:
+        yield _sse({**head, "choices": [first]})
     completion_tokens = 0
     try:
         async for index, kind, value in server.stream(jobs, events):
             if kind == "text":
-                choice = {"index": index, "text": value, "logprobs": None, "finish_reason": None}
+                yield _sse({**head, "choices": [choice(index, value, None)]})
             else:
                 completion_tokens += value["tokens"]
-                choice = {"index": index, "text": "", "logprobs": None, "finish_reason": value["finish_reason"]}
-            yield _sse({**head, "choices": [choice]})
+                yield _sse({**head, "choices": [choice(index, None, value["finish_reason"])]})
     except RuntimeError as e:  # the batch failed after the response began: say so in the stream
-        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-    if include_usage:
-        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-    yield "data: [DONE]\n\n"
-
-
-async def _stream_chat(server: Server, jobs: list[Job], events: asyncio.Queue, head: dict[str, Any],
-                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-    head = {**head, "object": "chat.completion.chunk"}
-    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}]})
-    completion_tokens = 0
-    try:
-        async for _, kind, value in server.stream(jobs, events):
-            if kind == "text":
-                choice = {"index": 0, "delta": {"content": value}, "logprobs": None, "finish_reason": None}
-            else:
-                completion_tokens = value["tokens"]
-                choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": value["finish_reason"]}
-            yield _sse({**head, "choices": [choice]})
-    except RuntimeError as e:
         yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     if include_usage:
         yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -496,46 +488,60 @@ async def _stream_chat(server: Server, jobs: list[Job], events: asyncio.Queue, h
 
 # ---------------------------------------------------------------- the command
 
-def build_parser() -> cli.ArgumentParser:
-    p = cli.parser("serve", "Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, "
-                            "/v1/chat/completions, /v1/models, /health).")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (plain, quantized or pruned)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0 picks a free one)")
-    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the checkpoint "
-                                        "directory's name)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="most prompts decoded together; requests that wait while a batch runs form the next one")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (each new batch shape compiles once; falls back to eager)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log level (requests and batches are logged at info)")
-    return p
+@dataclass
+class ServeSettings:
+    model: Path | None = setting(None, "checkpoint directory (plain, quantized or pruned)", required=True)
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = setting(8000, "TCP port to listen on (0 picks a free one)")
+    model_name: str | None = setting(None, "the model id clients send and /v1/models lists (default: the "
+                                           "checkpoint directory's name)")
+    max_batch: int = setting(8, "most prompts decoded together; requests that wait while a batch runs form the "
+                                "next one")
+    compile: bool = setting(False, "torch.compile the decode step (each new batch shape compiles once; falls back "
+                                   "to eager)")
+    device: str = setting("auto", "auto, cpu, cuda, ...")
+    log_level: str = setting("info", "server log level (requests and batches are logged at info)",
+                             choices=["debug", "info", "warning", "error"])
+
+    def validate(self) -> None:
+        if self.max_batch < 1:
+            raise UserError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {self.port}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_batch < 1:
-        raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in 0..65535, got {args.port}")
+def serve(s: ServeSettings) -> dict[str, Any]:
+    """Serve s.model until SIGINT / SIGTERM; returns the counters /health reported last (batches, rows, tokens)."""
+    s.validate()
     import uvicorn
 
     from leangpt.checkpoint import load_checkpoint
     from leangpt.device import pick_device
 
-    model, tokenizer, _ = load_checkpoint(args.model, pick_device(args.device))
-    name = args.model_name or args.model.resolve().name
-    app = create_app(Engine(model, compile=args.compile), tokenizer, name, args.max_batch)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
-    cli.log(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1")
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    server = uvicorn.Server(config)
+    model, tokenizer, _ = load_checkpoint(s.model, pick_device(s.device))
+    name = s.model_name or s.model.resolve().name
+    app = create_app(Engine(model, compile=s.compile), tokenizer, name, s.max_batch)
+    logging.basicConfig(level=s.log_level.upper(), format="%(levelname)s:     %(message)s")
+    cli.log(f"serving {s.model} as {name!r} on http://{s.host}:{s.port}/v1")
+    server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level))
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to the handler that was set
-        # before it ran: with a no-op one, a requested stop exits 0.
+        # before it ran: with a no-op one, a requested stop returns here.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
     server.run()  # a port already taken is logged and exits 1
+    stats = app.state.server.batcher.stats
+    return {"model": name, "batches": stats.batches, "rows": stats.rows, "completion_tokens": stats.tokens}
+
+
+def build_parser() -> cli.ArgumentParser:
+    return cli.build_parser(ServeSettings, "serve", "Serve a checkpoint over an OpenAI-compatible HTTP API "
+                            "(/v1/completions, /v1/chat/completions, /v1/models, /health).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, output = cli.parse(build_parser(), argv)
+    result = serve(s)
+    if output.json:
+        cli.print_json(result)
     return 0

@@ -132,3 +132,22 @@ class SpeculativeGeneration:
                 break
         self.stats.decode_s = time.perf_counter() - t0
         self.completion = Completion(tokens=out, logprobs=logprobs, finish_reason=finish)
+
+
+class SpeculativeRow:
+    """A speculative generation read as an engine Generation of one row: each round's tokens as (0, token)
+    pairs, stop(row) and completions, so that the text layer takes either."""
+
+    def __init__(self, spec: SpeculativeGeneration) -> None:
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for new in self.spec:
+            yield [(0, tok) for tok in new]
+
+    def stop(self, row: int) -> None:
+        self.spec.stop()
+
+    @property
+    def completions(self) -> list[Completion]:
+        return [] if self.spec.completion is None else [self.spec.completion]

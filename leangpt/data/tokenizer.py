@@ -128,16 +128,44 @@ class TextTokenizer:
                 lengths[i] = len(self.tk.decode([i]).encode("utf-8"))
         return lengths
 
-    def stream_pieces(self, ids: Iterator[int]) -> Iterator[str]:
+    def stream_pieces(self, ids: Iterable[int]) -> Iterator[str]:
         """Text pieces for a stream of ids that never split a UTF-8 character."""
-        pending: list[int] = []
+        decoder = StreamDecoder(self)
         for i in ids:
-            pending.append(i)
-            text = self.decode(pending)
-            # An incomplete multi-byte character decodes to U+FFFD: wait (briefly) for the rest.
-            if text.endswith("\ufffd") and len(pending) < 4:
-                continue
-            yield text
-            pending = []
-        if pending:
-            yield self.decode(pending)
+            if piece := decoder.add(i):
+                yield piece
+        if piece := decoder.finish():
+            yield piece
+
+
+class StreamDecoder:
+    """The text of a growing sequence of token ids, handed out in pieces that never split a UTF-8 character.
+
+    A token may carry only some bytes of a character; the text then ends in U+FFFD, and the piece waits for
+    the rest. Each step decodes only the tokens since the last piece, with the tokens of that piece as context,
+    so a long completion costs linear time and the pieces join to exactly the decoded text.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._context = self._shown = 0  # ids[_context:_shown]: the last piece's tokens; ids[_shown:]: not shown
+
+    def add(self, token: int) -> str:
+        """Take one token; return the text that is now complete (may be empty)."""
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        """The text still held back (an incomplete character shows as U+FFFD), once no more tokens will come."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._shown == len(self.ids):
+            return ""
+        text = self.tokenizer.decode(self.ids[self._context:])
+        if text.endswith("\ufffd") and not final:
+            return ""
+        shown = self.tokenizer.decode(self.ids[self._context:self._shown])
+        self._context, self._shown = self._shown, len(self.ids)
+        return text[len(shown):]
