@@ -292,7 +292,8 @@ def parse(p: ArgumentParser, argv: list[str] | None, settings: Any = None) -> tu
     print_config, output = ns.pop("print_config", False), Output(json=ns.pop("json", False))
     settings = fill(p.settings_cls() if settings is None else settings, ns, config_file, overrides)
     if print_config:
-        p.exit(0, yaml.safe_dump(to_dict(settings), sort_keys=False))
+        sys.stdout.write(yaml.safe_dump(to_dict(settings), sort_keys=False))
+        p.exit(0)
     return settings, output
 
 
