@@ -2,7 +2,8 @@
 
 The model runs on one worker thread, never on the event loop. Requests go into a queue; whenever the engine is
 free, the worker takes everything waiting (up to --max-batch rows) and decodes it as one Engine generation, rows of
-different lengths with their own settings, seeds and stops. Streaming rows get their text as the batch produces it.
+different lengths with their own settings, seeds and stops, turned into text by generate's text layer
+(decode_texts), the same loop as `leangpt generate`. Streaming rows get their text as the batch produces it.
 A running batch is never joined: what arrives meanwhile waits for the next one (no continuous batching).
 """
 
