@@ -274,8 +274,11 @@ def fill(settings: Any, flags: dict[str, Any], config_file: Path | None, overrid
         key = _flag(fields[name]) or name
         if isinstance(value, bool):
             setattr(settings, name, value)
-        else:
-            setattr(settings, name, _check_choices(_convert(value, _hints(settings)[name], key), fields[name], key))
+        else:  # a flag given is a value, never "unset": --model-name none names a model "none"
+            typ = _hints(settings)[name]
+            if _is_union(typing.get_origin(typ)):
+                typ = typing.Union[tuple(a for a in typing.get_args(typ) if a is not type(None))]
+            setattr(settings, name, _check_choices(_convert(value, typ, key), fields[name], key))
     apply_overrides(settings, None, overrides)
     for f in fields.values():
         if f.metadata.get("required") and getattr(settings, f.name) in (None, []):

@@ -50,6 +50,14 @@ def test_flags_are_derived_and_converted():
     assert parse(["--model", "m"]).source is not Example().source
 
 
+def test_a_flag_value_is_never_unset_but_set_none_is(capsys):
+    assert parse(["--model", "none"]).model == Path("none")
+    assert parse(["--model", "m", "--ratio", "0.5", "--set", "ratio=none"]).ratio is None
+    with pytest.raises(SystemExit):
+        cli.parse(cli.build_parser(Example, "example", "test"), ["--model", "m", "--print-config"])
+    assert "model: m" in capsys.readouterr().out
+
+
 def test_precedence_defaults_config_flags_set(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: from_config\ncount: 5\ninner:\n  lr: 0.5\n")
