@@ -5,8 +5,11 @@ import json
 import torch
 import torch.nn as nn
 
-from leangpt.bench import count_params
+from leangpt import machine
+from leangpt.bench import BenchSettings, bench, count_params, timed_generation, timed_run
 from leangpt.checkpoint import load_model
+from leangpt.engine import Engine, Generation, Request
+from leangpt.sampling import SamplingConfig
 from tests.conftest import run_cli
 
 FIELDS = {"model", "batch", "decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s",
@@ -65,3 +68,25 @@ def test_bench_user_errors(tiny_checkpoint, tmp_path, capsys):
                            (["--model", str(tiny_checkpoint), "--batch", "0"], "--batch")):
         code, _, err = run_cli(["bench", *extra], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_bench_library_call_names_the_machine(tiny_checkpoint):
+    records = bench(BenchSettings(models=[tiny_checkpoint], batches=[1], prompt_tokens=4, new_tokens=3, repeats=1,
+                                  threads=1))
+    assert [(r["model"], r["batch"]) for r in records] == [(str(tiny_checkpoint), 1)]
+    described = records[0]["machine"]
+    assert described["cpu"] == machine.cpu_name()
+    assert {"cpu_flags", "cores", "memory_gib", "torch", "torch_threads", "python", "platform"} <= set(described)
+
+
+def test_bench_times_the_step_by_step_path_users_take(tiny_checkpoint, monkeypatch):
+    # generate and serve take every step's tokens on the host; a run that syncs only at the end is not measured.
+    def no_run(self, sync_every=16):
+        raise AssertionError("bench ran Generation.run, a path generate and serve do not take")
+
+    monkeypatch.setattr(Generation, "run", no_run)
+    engine = Engine(load_model(tiny_checkpoint))
+    ttft, decode = timed_run(engine, batch=2, prompt_tokens=4, new_tokens=5, seed=0)
+    assert ttft > 0 and decode > 0
+    ttft, decode, gen = timed_generation(engine, [Request([1, 2, 3], 4, SamplingConfig(temperature=0))])
+    assert len(gen.completions[0].tokens) == 4 and gen.decode_steps == 3

@@ -5,24 +5,23 @@ device at load. `reference` dequantizes one layer's weight per call and runs F.l
 correct, and what tests compare every other kernel against. Which kernel is fastest depends on the
 machine (torch's int8/int4 "pack" kernels are tuned for AVX-512/AMX CPUs and GPUs; FBGEMM's dynamic int8
 linear is fast on AVX2 CPUs), so `choose_kernel` times the correct candidates once per
-(machine, torch version, threads, scheme, layer shape) on a one-token input and caches the result in
-$LEANGPT_CACHE_DIR/quant_kernels.json (default ~/.cache/leangpt). LEANGPT_QUANT_KERNEL=name forces one.
+(machine, torch version, threads, scheme, layer shape) on a one-token input and keeps the result in the
+cache of measurements (leangpt.machine). LEANGPT_QUANT_KERNEL=name forces one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leangpt.device import sync
 from leangpt.errors import UserError
-from leangpt.fsutil import atomic_write_text
+from leangpt.machine import cached, machine_key
 from leangpt.quant.formats import QuantizedWeight, Scheme, quantize_rtn
 
 
@@ -261,13 +260,20 @@ def _compiled(fn, *args: torch.Tensor):
     return _COMPILED[key]
 
 
+# What an InductorLinear that could not compile runs, and reports as its kernel: its own dequantize of the
+# packed nibbles, uncompiled, then a matmul.
+EAGER_FALLBACK = "inductor-eager"
+
+
 class InductorLinear(QuantLinear):
     """int4 groups computed from the packed nibbles by a fused dequantize-and-reduce kernel that torch.compile's
     inductor generates as vectorised C++ (weights stay 4-bit in memory: 8x fewer bytes than fp32), for up to
     GEMV_ROWS rows of activations (decode, small batches); more rows dequantize the layer once by a compiled
     kernel, then matmul.
     Float activations and float accumulation, so it equals dequantize-then-matmul up to float rounding. A
-    shorter last group (in_features not a multiple of the group size) is padded with zero columns here."""
+    shorter last group (in_features not a multiple of the group size) is padded with zero columns here.
+    Where the kernels cannot be compiled (no C++ compiler, ...) the layer warns and runs the same tensor
+    ops eagerly; its `kernel` then reads EAGER_FALLBACK."""
 
     kernel = "inductor"
 
@@ -306,9 +312,10 @@ class InductorLinear(QuantLinear):
                     self._dequant = _compiled(_inductor_dequant, *w)
                 return (xf @ self._dequant(*w)).to(x.dtype)
             except CompileError as e:
-                warnings.warn(f"quantized kernel 'inductor' could not be compiled here, so this layer takes the "
-                              f"reference route (dequantize per call, then matmul): {e}")
-                self.kernel = "reference"
+                warnings.warn(f"quantized kernel 'inductor' could not be compiled here, so this layer runs it "
+                              f"uncompiled as {EAGER_FALLBACK!r} (dequantize the packed nibbles per call, "
+                              f"then matmul): {e}")
+                self.kernel = EAGER_FALLBACK
         return (xf @ _inductor_dequant(*w)).to(x.dtype)  # eager: the same computation, uncompiled
 
 KERNELS: dict[str, type[QuantLinear]] = {k.kernel: k for k in (
@@ -330,39 +337,17 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
 
 
-def _device_key(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{model}:{torch.backends.cpu.get_cpu_capability()}:threads={torch.get_num_threads()}"
-
-
-def cache_path() -> Path:
-    root = os.environ.get("LEANGPT_CACHE_DIR") or Path.home() / ".cache" / "leangpt"
-    return Path(root) / "quant_kernels.json"
-
-
 def _time_call(fn, device: torch.device, calls: int = 20, repeats: int = 5) -> float:
     """Median seconds per call, after warm-up."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     for _ in range(3):
         fn()
-    sync()
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        sync()
+        sync(device)
         times.append((time.perf_counter() - t0) / calls)
     return sorted(times)[len(times) // 2]
 
@@ -400,20 +385,11 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
         return forced
     if len(names) == 1:
         return names[0]
-    key = f"{_device_key(device)}|torch={torch.__version__}|{scheme.name}|{out_features}x{in_features}"
-    path = cache_path()
-    try:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if key not in cache or not set(names) <= set(cache[key]):
-        cache[key] = benchmark_kernels(scheme, out_features, in_features, device)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
-        except OSError:
-            pass  # a read-only home only costs re-measuring next time
-    timings = {k: v for k, v in cache[key].items() if v is not None and k in names}
+    key = f"quant-kernels|{machine_key(device)}|{scheme.name}|{out_features}x{in_features}"
+    # Timings from before a candidate existed here (a torch upgrade, a new kernel) are measured again.
+    timings = cached(key, lambda: benchmark_kernels(scheme, out_features, in_features, device),
+                     accept=lambda stored: isinstance(stored, dict) and set(names) <= set(stored))
+    timings = {k: v for k, v in timings.items() if v is not None and k in names}
     return min(timings, key=timings.get) if timings else "reference"
 
 
