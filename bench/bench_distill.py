@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from leangpt.checkpoint import load_checkpoint, read_meta
 from leangpt.data.prepare import PrepareSettings, prepare
@@ -35,6 +32,7 @@ from leangpt.data.shards import Dataset
 from leangpt.distill import DistillTrainConfig, distill
 from leangpt.evaluate import evaluate_tokens
 from leangpt.fsutil import read_json
+from leangpt.machine import describe
 from leangpt.train import TrainConfig, train
 
 
@@ -117,7 +115,7 @@ def main() -> None:
     scratch, dist, lce = runs["scratch"], runs["distilled"], runs["layers-ce"]
     teacher_forward_share = 1 - lce["train_time_s"] / dist["train_time_s"]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": describe(),
         "data": str(data), "teacher": str(teacher), "teacher_meta_steps": read_json(teacher / "leangpt.json").get("step"),
         "student_layers": layers, "settings": {**vars(args), "work": str(args.work), "data": str(data),
                                                "teacher": str(teacher), "json_out": str(args.json_out)},

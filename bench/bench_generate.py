@@ -20,8 +20,8 @@ acceptance rate.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -33,10 +33,12 @@ import transformers
 from safetensors.torch import save_file
 
 from leangpt import hf
+from leangpt.bench import timed_generation
 from leangpt.checkpoint import load_model
 from leangpt.config import ModelConfig
 from leangpt.data.tokenizer import TextTokenizer
 from leangpt.engine import Engine, Request
+from leangpt.machine import describe, paired_medians
 from leangpt.model import GPT
 from leangpt.sampling import SamplingConfig
 from leangpt.speculative import SpeculativeGeneration
@@ -75,11 +77,9 @@ def weight_bytes_per_token(model: GPT) -> int:
 
 
 def leangpt_run(engine: Engine, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, float, float]:
-    gen = engine.start([Request(p, new, GREEDY) for p in prompts.tolist()])
-    t0 = time.perf_counter()
-    gen.run(sync_every=new)
-    total = time.perf_counter() - t0
-    return torch.tensor([c.tokens for c in gen.completions]), total, gen.prefill_s
+    """leangpt's greedy generation, step by step as `leangpt generate` runs it: (tokens, total s, first token s)."""
+    ttft, decode, gen = timed_generation(engine, [Request(p, new, GREEDY) for p in prompts.tolist()])
+    return torch.tensor([c.tokens for c in gen.completions]), ttft + decode, ttft
 
 
 def hf_compile_arguments() -> dict[str, Any]:
@@ -101,31 +101,59 @@ def bench_batch(ours: Engine, ref, hf_extra: dict[str, Any], batch: int, prompt_
                 repeats: int) -> dict[str, Any]:
     vocab = ours.model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-    t_ours, t_ttft, t_hf, t_hf_first = [], [], [], []
-    with torch.inference_mode():
-        for r in range(repeats + 1):  # round 0 is the warm-up (and compilation when enabled)
-            tokens, total, ttft = leangpt_run(ours, prompts, new)
-            ref_tokens, hf_total = hf_run(ref, prompts, new, hf_extra)
-            _, hf_first = hf_run(ref, prompts, 1, hf_extra)  # transformers' time to first token, for its decode rate
-            if not torch.equal(tokens, ref_tokens):
-                rows = (tokens != ref_tokens).any(1).nonzero().flatten().tolist()
-                raise AssertionError(f"batch {batch}: greedy tokens differ from transformers in rows {rows}")
-            if r:
-                t_ours.append(total)
-                t_ttft.append(ttft)
-                t_hf.append(hf_total)
-                t_hf_first.append(hf_first)
-    m = statistics.median
-    ours_total, hf_total = m(t_ours), m(t_hf)
+    last: dict[str, torch.Tensor] = {}
+
+    def run_ours() -> dict[str, float]:
+        last["tokens"], total, ttft = leangpt_run(ours, prompts, new)
+        return {"total": total, "ttft": ttft}
+
+    def run_theirs() -> dict[str, float]:
+        ref_tokens, total = hf_run(ref, prompts, new, hf_extra)
+        _, first = hf_run(ref, prompts, 1, hf_extra)  # transformers' time to first token, for its decode rate
+        if not torch.equal(last["tokens"], ref_tokens):
+            rows = (last["tokens"] != ref_tokens).any(1).nonzero().flatten().tolist()
+            raise AssertionError(f"batch {batch}: greedy tokens differ from transformers in rows {rows}")
+        return {"total": total, "first": first}
+
+    with torch.inference_mode():  # the warm-up round also compiles, when enabled
+        t = paired_medians({"leangpt": run_ours, "transformers": run_theirs}, repeats)
+    ours_t, hf_t = t["leangpt"], t["transformers"]
+    ours_total, hf_total = ours_t["total"], hf_t["total"]
     return {
         "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new, "identical_greedy_tokens": True,
         "leangpt_tokens_per_s": batch * new / ours_total,
         "transformers_tokens_per_s": batch * new / hf_total,
         "ratio": hf_total / ours_total,
-        "leangpt_decode_tokens_per_s": batch * (new - 1) / (ours_total - m(t_ttft)),
-        "transformers_decode_tokens_per_s": batch * (new - 1) / max(hf_total - m(t_hf_first), 1e-9),
-        "leangpt_ttft_s": m(t_ttft), "transformers_ttft_s": m(t_hf_first),
+        "leangpt_decode_tokens_per_s": batch * (new - 1) / (ours_total - ours_t["ttft"]),
+        "transformers_decode_tokens_per_s": batch * (new - 1) / max(hf_total - hf_t["first"], 1e-9),
+        "leangpt_ttft_s": ours_t["ttft"], "transformers_ttft_s": hf_t["first"],
     }
+
+
+def speculative_timing(engine: Engine, draft: GPT, prompt: list[int], sampling: SamplingConfig, k: int, new: int,
+                       repeats: int) -> dict[str, float]:
+    """Seconds per token of the target alone and with the draft, the same request (a new seed each round)."""
+    seeds, last = itertools.count(), {}
+
+    def run_plain() -> float:
+        last["request"] = req = Request(prompt, new, sampling, seed=next(seeds))
+        ttft, decode, gen = timed_generation(engine, [req])
+        last["tokens"] = gen.completions[0].tokens
+        return (ttft + decode) / len(last["tokens"])
+
+    def run_speculative() -> dict[str, float]:
+        t0 = time.perf_counter()
+        spec = SpeculativeGeneration(engine.model, draft, last["request"], k)
+        for _ in spec:
+            pass
+        seconds = time.perf_counter() - t0
+        if sampling.greedy and spec.completion.tokens != last["tokens"]:
+            raise AssertionError("speculative greedy tokens differ from the target alone")
+        return {"seconds": seconds / len(spec.completion.tokens), "acceptance": spec.stats.acceptance_rate}
+
+    with torch.inference_mode():
+        t = paired_medians({"plain": run_plain, "speculative": run_speculative}, repeats)
+    return {"plain": t["plain"], "speculative": t["speculative"]["seconds"], "acceptance": t["speculative"]["acceptance"]}
 
 
 def bench_speculative(target_dir: Path, draft_dir: Path, k: int, new: int, repeats: int) -> list[dict[str, Any]]:
@@ -134,27 +162,10 @@ def bench_speculative(target_dir: Path, draft_dir: Path, k: int, new: int, repea
     engine = Engine(target)
     rows = []
     for name, sampling in (("greedy", GREEDY), ("temperature 0.8", SamplingConfig(temperature=0.8))):
-        t_plain, t_spec, rates = [], [], []
-        with torch.inference_mode():
-            for r in range(repeats + 1):
-                req = Request(prompt, new, sampling, seed=r)
-                t0 = time.perf_counter()
-                [plain] = engine.generate([req])
-                t1 = time.perf_counter()
-                spec = SpeculativeGeneration(target, draft, req, k)
-                for _ in spec:
-                    pass
-                t2 = time.perf_counter()
-                if sampling.greedy and spec.completion.tokens != plain.tokens:
-                    raise AssertionError("speculative greedy tokens differ from the target alone")
-                if r:
-                    t_plain.append((t1 - t0) / len(plain.tokens))
-                    t_spec.append((t2 - t1) / len(spec.completion.tokens))
-                    rates.append(spec.stats.acceptance_rate)
-        m = statistics.median
-        rows.append({"sampling": name, "draft_tokens": k, "plain_tokens_per_s": 1 / m(t_plain),
-                     "speculative_tokens_per_s": 1 / m(t_spec), "speedup": m(t_plain) / m(t_spec),
-                     "acceptance_rate": m(rates)})
+        t = speculative_timing(engine, draft, prompt, sampling, k, new, repeats)
+        rows.append({"sampling": name, "draft_tokens": k, "plain_tokens_per_s": 1 / t["plain"],
+                     "speculative_tokens_per_s": 1 / t["speculative"], "speedup": t["plain"] / t["speculative"],
+                     "acceptance_rate": t["acceptance"]})
     return rows
 
 
@@ -190,7 +201,7 @@ def main() -> None:
             for b in args.batch]
     bandwidth = max(bandwidth, copy_bandwidth())  # measured before and after: the less disturbed figure
     result = {
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "machine": describe(), "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "params": model.num_params(), "compile": args.compile and engine.compile_error is None,
         "transformers_compile": args.hf_compile,

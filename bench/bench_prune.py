@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -30,42 +28,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from leangpt.bench import timed_generation
 from leangpt.calibration import calibration_tokens
 from leangpt.checkpoint import load_checkpoint
 from leangpt.data.shards import Dataset
 from leangpt.engine import Engine, Request
 from leangpt.evaluate import evaluate_tokens
+from leangpt.machine import describe, paired_medians
 from leangpt.model import GPT
 from leangpt.prune import main as prune_main
 from leangpt.prune import prune_model
 from leangpt.sampling import SamplingConfig
 
 
-def paired_medians(fns: list, repeats: int) -> list[float]:
-    """Median seconds of each fn, calling them in turn every repeat so that load from other processes on a
-    shared machine falls on all of them alike. One warm-up round first."""
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(repeats + 1):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            seconds = fn()  # a fn may time its own part (decoding after the first token)
-            if r:
-                times[i].append(time.perf_counter() - t0 if seconds is None else seconds)
-    return [statistics.median(t) for t in times]
-
-
 def decoder(model: GPT, batch: int, compile: bool, prompt_len: int = 16, new_tokens: int = 128):
-    """A function that decodes `batch` rows greedily with leangpt's engine (as `leangpt generate` and `bench`
-    do), compiled or not, and returns the seconds after the first token; and the tokens decoded in them."""
+    """A function that decodes `batch` rows greedily with leangpt's engine, step by step as `leangpt generate`
+    and `bench` do, compiled or not, and returns the seconds after the first token; and the tokens decoded in
+    them."""
     engine = Engine(model, compile=compile)
     new_tokens = min(new_tokens, model.config.block_size - prompt_len)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     requests = [Request(p, new_tokens, SamplingConfig(temperature=0)) for p in prompts.tolist()]
 
     def run() -> float:
-        gen = engine.start(requests)
-        gen.run(sync_every=new_tokens)
-        return gen.decode_s
+        return timed_generation(engine, requests)[1]
 
     run()  # compiles, when compiling, before the timed rounds
     return run, batch * (new_tokens - 1)
@@ -86,7 +72,8 @@ def sparse_kernels(weight: torch.Tensor, sparsities: list[float]) -> list[dict[s
             x = torch.randn(n, w.shape[1], generator=gen)
             xt = x.t().contiguous()
             torch.testing.assert_close(torch.sparse.mm(csr, xt).t(), F.linear(x, w), atol=1e-3, rtol=1e-3)
-            dense, sparse = paired_medians([lambda: F.linear(x, w), lambda: torch.sparse.mm(csr, xt)], 50)
+            t = paired_medians({"dense": lambda: F.linear(x, w), "csr": lambda: torch.sparse.mm(csr, xt)}, 50)
+            dense, sparse = t["dense"], t["csr"]
             rows.append({"sparsity": s, "shape": name, "rows": n, "threads": torch.get_num_threads(), "dense_ms": dense * 1e3, "csr_ms": sparse * 1e3,
                          "csr_speedup": dense / sparse})
     return rows
@@ -122,9 +109,7 @@ def main() -> None:
     def ppl(model: GPT) -> float:
         return evaluate_tokens(model, val, tokenizer.token_bytes, block, 8, args.eval_tokens)["perplexity"]
 
-    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                                          f"threads, torch {torch.__version__}",
-                               "model": str(args.model), "eval_tokens": args.eval_tokens,
+    results: dict[str, Any] = {"machine": describe(), "model": str(args.model), "eval_tokens": args.eval_tokens,
                                "calib_samples": args.calib_samples}
     if {"unstructured", "nm", "structured"} - set(args.skip):
         base = ppl(dense)
@@ -183,7 +168,8 @@ def main() -> None:
         for compile in (False, True):
             for batch in (1, 8):
                 (run_dense, n), (run_small, _) = decoder(dense, batch, compile), decoder(small, batch, compile)
-                dense_s, small_s = paired_medians([run_dense, run_small], args.decode_repeats)
+                t = paired_medians({"dense": run_dense, "structured": run_small}, args.decode_repeats)
+                dense_s, small_s = t["dense"], t["structured"]
                 results["speed"].append({
                     "threads": torch.get_num_threads(), "compile": compile, "batch": batch, "decode_tokens": n,
                     "dense_tokens_per_s": n / dense_s, "structured_tokens_per_s": n / small_s,

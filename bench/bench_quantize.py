@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from leangpt.checkpoint import load_checkpoint, load_model, read_meta
 from leangpt.data.shards import Dataset
 from leangpt.cpu_linear import use_decode_linears
 from leangpt.evaluate import evaluate_tokens
+from leangpt.machine import describe, paired_medians
 from leangpt.quant.model import kernels_used, target_layers
 from leangpt.quantize import main as quantize_main
 
@@ -155,13 +154,11 @@ def main() -> None:
     for name in order:
         use_decode_linears(models[name])  # as leangpt's Engine does on CPUs (fp32 linears: MKL, best layout)
         decode_seconds(models[name], args.prompt_len, 8)  # warm-up (and compiles of one-row kernels)
-    times: dict[str, list[float]] = {n: [] for n in order}
-    for _ in range(args.rounds):
-        for name in order:
-            times[name].append(decode_seconds(models[name], args.prompt_len, args.new_tokens))
-    base_ppl, base_tps = rows["fp32"]["perplexity"], 1 / statistics.median(times["fp32"])
+    seconds = paired_medians({name: lambda m=models[name]: decode_seconds(m, args.prompt_len, args.new_tokens)
+                              for name in order}, args.rounds, warmup=0)
+    base_ppl, base_tps = rows["fp32"]["perplexity"], 1 / seconds["fp32"]
     for name in order:
-        tps = 1 / statistics.median(times[name])
+        tps = 1 / seconds[name]
         rows[name].update(decode_tokens_per_s=tps, decode_vs_fp32=tps / base_tps,
                           perplexity_change=rows[name]["perplexity"] / base_ppl - 1)
     for a, b in (("int8", "ao-int8"), ("int8+head", "ao-int8+head")):
@@ -181,9 +178,7 @@ def main() -> None:
     for k, v in paired.items():
         print(f"NLL {k}: {v['dnll']:+.5f} ± {v['se']:.5f} nats/token (paired over {v['tokens']} val tokens)")
     print(f"load average (1, 5, 15 min): before timing {load_before}, after {load_after}")
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__},
-              "model": str(args.model), "eval_tokens": args.eval_tokens, "rounds": args.rounds,
+    result = {"machine": describe(), "model": str(args.model), "eval_tokens": args.eval_tokens, "rounds": args.rounds,
               "new_tokens": args.new_tokens, "paired_nll": paired, "load_average_before": load_before, "load_average_after": load_after,
               "variants": rows}
     if args.json_out:

@@ -19,6 +19,7 @@ import torch
 from leangpt.config import ModelConfig
 from leangpt.data.batches import micro_batches
 from leangpt.distributed import World
+from leangpt.machine import describe
 from leangpt.model import GPT
 from leangpt.perf import matmul_peak_flops, train_flops_per_token
 from leangpt.train import TrainConfig, accumulate_gradients, configure_optimizer, lm_loss
@@ -111,7 +112,7 @@ def main() -> None:
                   f"transformers {ht:9,.0f} tok/s ({ht * fpt / peak:5.1%})   ratio {lt / ht:.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_flops": peak, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+            json.dump({"peak_flops": peak, "machine": describe(), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
