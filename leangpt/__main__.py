@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("leangpt.distill", "train a smaller student from a teacher (soft targets, layer-initialised)"),
     "quantize": ("leangpt.quantize", "int8 / int4 weight quantization, round-to-nearest or GPTQ"),
     "prune": ("leangpt.prune", "unstructured, N:M and structured (smaller dense model) pruning"),
+    "export": ("leangpt.export", "GGUF for llama.cpp and ONNX for onnxruntime, float or quantized"),
     "serve": ("leangpt.serve", "OpenAI-compatible HTTP server (completions, chat, streaming, batched requests)"),
     "pipeline": ("leangpt.pipeline", "the main job: data, train, quantize/prune/distill, eval and bench all, report"),
 }

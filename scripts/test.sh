@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# The export tests run GGUF files in llama.cpp itself: llama-cpp-python builds it from source, 7-10 minutes on
+# 2 cores the first time (pip caches the wheel, so later runs take seconds). The main job's set-up skips it.
+pip install -q -e ".[llamacpp]"
 python -m pytest tests "$@"
