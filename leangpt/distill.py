@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +24,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leangpt import cli, distributed, train_state
+from leangpt.cli import setting
 from leangpt.checkpoint import load_checkpoint, read_meta
 from leangpt.config import ModelConfig
 from leangpt.data.batches import IGNORE_INDEX
 from leangpt.data.shards import Dataset
+from leangpt.data.tokenizer import TextTokenizer
 from leangpt.device import pick_device
 from leangpt.errors import UserError
 from leangpt.fsutil import check_output_dir
 from leangpt.hf import config_from_hf, hf_model_type
 from leangpt.model import GPT
-from leangpt.train import TrainConfig, train
+from leangpt.train import TrainConfig, parse_training_command, train
+
+HIDDEN_LOSSES = ("none", "cosine", "mse")
+HIDDEN_LAYERS = ("final", "blocks")
+STUDENT_INITS = ("auto", "teacher", "random")
 
 
 @dataclass
 class DistillConfig:
-    temperature: float = 2.0  # softens both distributions; DistilGPT2 uses 2
-    alpha: float = 0.5  # weight of the soft-target (KL) term; 1 - alpha weighs the data's cross-entropy
-    reverse_kl: bool = False  # KL(student || teacher): mode-seeking instead of mass-covering
-    hidden_loss: str = "none"  # "none" | "cosine" | "mse": match hidden states as well
-    hidden_weight: float = 1.0  # weight of the hidden-state term
-    hidden_layers: str = "final"  # "final": final-norm outputs; "blocks": each student block vs its teacher block
+    temperature: float = setting(2.0, "softens both distributions; DistilGPT2 uses 2")
+    alpha: float = setting(0.5, "weight of the soft-target (KL) term; 1 - alpha weighs the data's cross-entropy")
+    reverse_kl: bool = setting(False, "KL(student || teacher): mode-seeking instead of mass-covering")
+    hidden_loss: str = setting("none", "match hidden states as well", choices=HIDDEN_LOSSES)
+    hidden_weight: float = setting(1.0, "weight of the hidden-state term")
+    hidden_layers: str = setting("final", "final: final-norm outputs; blocks: each student block vs its teacher block",
+                                 choices=HIDDEN_LAYERS)
 
     def validate(self) -> None:
         checks = [
             (self.temperature > 0, "distill.temperature must be > 0"),
             (0 <= self.alpha <= 1, "distill.alpha must be in [0, 1]"),
-            (self.hidden_loss in ("none", "cosine", "mse"), "distill.hidden_loss must be none, cosine or mse"),
+            (self.hidden_loss in HIDDEN_LOSSES, "distill.hidden_loss must be none, cosine or mse"),
             (self.hidden_weight >= 0, "distill.hidden_weight must be >= 0"),
-            (self.hidden_layers in ("final", "blocks"), "distill.hidden_layers must be final or blocks"),
+            (self.hidden_layers in HIDDEN_LAYERS, "distill.hidden_layers must be final or blocks"),
         ]
         for ok, message in checks:
             if not ok:
@@ -62,7 +69,11 @@ class DistillConfig:
 class DistillTrainConfig(TrainConfig):
     """train's settings (max_steps, lr, ...) plus the distillation ones under `distill.`."""
 
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig = setting(DistillConfig(), "distillation settings (distill.temperature, distill.alpha, ...)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.distill.validate()
 
 
 # ---------------------------------------------------------------- the loss
@@ -268,9 +279,8 @@ def read_student_config(path: Path, teacher: ModelConfig) -> ModelConfig:
 
 def build_student(teacher: GPT, layers: str | None = None, preset: str | None = None, config_file: Path | None = None,
                   init: str = "auto", dropout: float = 0.0) -> tuple[GPT, dict[str, Any]]:
-    """The student model and a description of how it was made (for leangpt.json)."""
-    if sum(x is not None for x in (layers, preset, config_file)) > 1:
-        raise UserError("give at most one of --student-layers, --student-preset, --student-config")
+    """The student model and a description of how it was made (for leangpt.json). Give at most one of layers,
+    preset and config_file (DistillSettings.validate checks it); with none, every other teacher block."""
     tc = teacher.config
     chosen: list[int] | None = None
     if layers is not None:
@@ -303,114 +313,126 @@ def build_student(teacher: GPT, layers: str | None = None, preset: str | None = 
 
 # ---------------------------------------------------------------- the command
 
-def distill(cfg: DistillTrainConfig, teacher_dir: Path, data_dir: Path, out: Path, layers: str | None = None,
-            preset: str | None = None, config_file: Path | None = None, init: str = "auto",
-            overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Distil the teacher checkpoint into a student checkpoint at out. Returns train's final metrics.
+@dataclass
+class _CommandFields:
+    """The teacher, the data, the output and the student's shape (a base of DistillSettings: first in --help)."""
 
-    resume: continue the run saved in out; the student's shape comes from its train_state/ (cfg too, see main()).
-    """
-    cfg.validate()
-    cfg.distill.validate()
-    if not resume:
-        check_output_dir(out, overwrite)
-    if cfg.model or cfg.preset != TrainConfig.preset:
-        raise UserError("the student's shape comes from --student-layers / --student-preset / --student-config; "
-                        "drop preset / model.* settings")
-    if cfg.compile and cfg.distill.hidden_loss != "none":
-        raise UserError("distill.hidden_loss reads hidden states through forward hooks, which torch.compile "
-                        "does not see once compiled; set compile=false")
-    device = pick_device(cfg.device)
-    device = distributed.local_device(device, distributed.init(device))  # under torchrun: this rank's GPU
-    teacher, tokenizer, _ = load_checkpoint(teacher_dir, device)
-    dataset = Dataset(data_dir)
-    if dataset.manifest.get("tokenizer_sha256") != tokenizer.sha256():
-        raise UserError(f"{data_dir} was not tokenized with the teacher's tokenizer ({teacher_dir}); "
-                        f"run `leangpt prepare --tokenizer {teacher_dir}`")
+    teacher: Path | None = setting(None, "teacher checkpoint directory (frozen)", required=True)
+    data: Path | None = setting(None, "dataset directory made with the teacher's tokenizer "
+                                      "(`leangpt prepare --tokenizer TEACHER`)", required=True)
+    out: Path | None = setting(None, "student checkpoint directory to write", required=True)
+    student_layers: str | None = setting(None, "student = these teacher blocks (e.g. 0,2,4) plus the teacher's "
+                                               "embeddings, final norm and head. Without any --student-*: every "
+                                               "other teacher block", metavar="I,J,...")
+    student_preset: str | None = setting(None, "student shape from a model preset (tiny, small-cpu, ...)",
+                                         metavar="NAME")
+    student_config: Path | None = setting(None, "YAML/JSON of model fields over the teacher's (e.g. n_layer: 3), "
+                                                "or a Hugging Face config.json", metavar="FILE")
+    student_init: str = setting("auto", "auto: copy evenly spaced teacher blocks when the shapes allow, else "
+                                        "random; teacher: require the copy; random: fresh weights",
+                                choices=STUDENT_INITS)
+    resume: bool = setting(False, "continue the run saved in --out (its train_state/) with its settings; --set may "
+                                  "change training settings such as max_steps, not the student or the data")
+    overwrite: bool = setting(False, "replace an existing output directory")
+    progress: bool = setting(True, "show a progress bar on stderr", cli=False)
+
+
+@dataclass
+class DistillSettings(DistillTrainConfig, _CommandFields):
+    """`leangpt distill`: the teacher, the data, the student, and the training settings at top level
+    (max_steps, lr, ...; the distillation ones under distill.)."""
+
+    preset: str = setting(TrainConfig.preset, "not used: the student's shape comes from --student-*", cli=False)
+
+    def validate(self) -> None:
+        super().validate()
+        shapes = {"--student-layers": self.student_layers, "--student-preset": self.student_preset,
+                  "--student-config": self.student_config}
+        given = [flag for flag, value in shapes.items() if value is not None]
+        if self.resume and given:
+            raise UserError("--resume continues the saved student; drop --student-*")
+        if len(given) > 1:
+            raise UserError(f"give at most one of {', '.join(shapes)} (got {' and '.join(given)})")
+        if self.model or self.preset != TrainConfig.preset:
+            raise UserError("the student's shape comes from --student-layers / --student-preset / --student-config; "
+                            "drop preset / model.* settings")
+        if self.compile and self.distill.hidden_loss != "none":
+            raise UserError("distill.hidden_loss reads hidden states through forward hooks, which torch.compile "
+                            "does not see once compiled; set compile=false")
+        if self.student_preset is not None:
+            ModelConfig.from_preset(self.student_preset)  # an unknown preset fails before any work
+
+
+def _check_teacher(s: DistillSettings, teacher: GPT, tokenizer: TextTokenizer) -> None:
+    """The data must have been tokenized with the teacher's tokenizer, which must fit the teacher's vocabulary."""
+    if Dataset(s.data).manifest.get("tokenizer_sha256") != tokenizer.sha256():
+        raise UserError(f"{s.data} was not tokenized with the teacher's tokenizer ({s.teacher}); "
+                        f"run `leangpt prepare --tokenizer {s.teacher}`")
     if teacher.config.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"{teacher_dir}: model vocab_size {teacher.config.vocab_size} is smaller than its "
+        raise UserError(f"{s.teacher}: model vocab_size {teacher.config.vocab_size} is smaller than its "
                         f"tokenizer's {tokenizer.vocab_size}")
-    if resume:  # train restores the weights; only the shape and the layer map are needed here
-        saved = train_state.read_state(train_state.latest(out))
-        student = GPT(ModelConfig.from_dict(saved["model_config"]))
-        how = {k: v for k, v in read_meta(out).get("student", {}).items() if k in ("init", "layers")}
-        if student.config.vocab_size != teacher.config.vocab_size:
-            raise UserError(f"--resume: the saved student's vocab_size differs from {teacher_dir}'s")
-    else:
-        torch.manual_seed(cfg.seed)  # random students are reproducible
-        student, how = build_student(teacher, layers, preset, config_file, init, cfg.dropout)
-    block_size = cfg.block_size or student.config.block_size
+
+
+def _student(s: DistillSettings, teacher: GPT) -> tuple[GPT, dict[str, Any]]:
+    """The student and how it was made; on resume its shape and layer map come from s.out (train restores
+    the weights and checks the rest)."""
+    if not s.resume:
+        torch.manual_seed(s.seed)  # random students are reproducible
+        return build_student(teacher, s.student_layers, s.student_preset, s.student_config, s.student_init, s.dropout)
+    saved = train_state.read_state(train_state.latest(s.out))
+    student = GPT(ModelConfig.from_dict(saved["model_config"]))
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise UserError(f"--resume: the saved student's vocab_size differs from {s.teacher}'s")
+    how = {k: v for k, v in read_meta(s.out).get("student", {}).items() if k in ("init", "layers")}
+    return student, how
+
+
+def distill(s: DistillSettings) -> dict[str, Any]:
+    """Distil s.teacher into a student checkpoint at s.out. Returns the checkpoint and teacher paths with
+    train's final metrics (what `leangpt distill --json` prints)."""
+    s.validate()
+    if not s.resume:
+        check_output_dir(s.out, s.overwrite)
+    device = pick_device(s.device)
+    device = distributed.local_device(device, distributed.init(device))  # under torchrun: this rank's GPU
+    teacher, tokenizer, _ = load_checkpoint(s.teacher, device)
+    _check_teacher(s, teacher, tokenizer)
+    student, how = _student(s, teacher)
+    block_size = s.block_size or student.config.block_size
     if block_size > teacher.config.block_size:
         raise UserError(f"block_size {block_size} exceeds the teacher's context {teacher.config.block_size}; "
                         f"set block_size <= {teacher.config.block_size}")
-    loss_fn = DistillLoss(teacher, cfg.distill, student.config, how.get("layers"))
-    meta = {"kind": "distill", "parent": str(teacher_dir), "teacher": str(teacher_dir),
+    loss_fn = DistillLoss(teacher, s.distill, student.config, how.get("layers"))
+    meta = {"kind": "distill", "parent": str(s.teacher), "teacher": str(s.teacher),
             "student": {**how, "n_layer": student.config.n_layer, "n_embd": student.config.n_embd},
-            "distill": dataclasses.asdict(cfg.distill)}
-    return train(cfg, data_dir, out, overwrite=overwrite, loss_fn=loss_fn, extra_meta=meta, progress=progress,
-                 model=student, aux_module=loss_fn.projection, resume=resume)
-
-
-def resume_config(out: Path, config_file: Path | None, overrides: list[str]) -> DistillTrainConfig:
-    """The saved run's settings plus --config / --set."""
-    saved = train_state.read_state(train_state.latest(out))["train_config"]
-    known = {f.name for f in dataclasses.fields(DistillTrainConfig)}
-    cfg = DistillTrainConfig(**{k: v for k, v in saved.items() if k in known and k != "distill"})
-    cfg.distill = DistillConfig(**saved.get("distill", {}))
-    return cli.apply_overrides(cfg, config_file, overrides)
+            "distill": dataclasses.asdict(s.distill)}
+    final = train(DistillTrainConfig.from_settings(s), s.data, s.out, overwrite=s.overwrite, loss_fn=loss_fn,
+                  extra_meta=meta, progress=s.progress, model=student, aux_module=loss_fn.projection,
+                  resume=s.resume)
+    return {"checkpoint": str(s.out), "teacher": str(s.teacher), **final}
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.parser("distill", "Train a smaller student from a teacher checkpoint: soft targets (KL at temperature T) "
-                              "plus the data's cross-entropy, optionally hidden states. Training settings as for "
-                              "`leangpt train` (--set max_steps=...), distillation ones under distill.* "
-                              "(distill.temperature, distill.alpha, distill.reverse_kl, distill.hidden_loss, "
-                              "distill.hidden_weight, distill.hidden_layers). Several processes: "
-                              "torchrun --nproc-per-node=N -m leangpt distill ...")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint directory (frozen)")
-    p.add_argument("--data", type=Path, required=True,
-                   help="dataset directory made with the teacher's tokenizer (`leangpt prepare --tokenizer TEACHER`)")
-    p.add_argument("--out", type=Path, required=True, help="student checkpoint directory to write")
-    shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--student-layers", metavar="I,J,...",
-                       help="student = these teacher blocks (e.g. 0,2,4) plus the teacher's embeddings, final norm "
-                            "and head. Default without any --student-*: every other teacher block")
-    shape.add_argument("--student-preset", metavar="NAME", help="student shape from a model preset (tiny, small-cpu, ...)")
-    shape.add_argument("--student-config", type=Path, metavar="FILE",
-                       help="YAML/JSON of model fields over the teacher's (e.g. n_layer: 3), or a Hugging Face config.json")
-    p.add_argument("--student-init", choices=["auto", "teacher", "random"], default="auto",
-                   help="auto: copy evenly spaced teacher blocks when the shapes allow, else random; "
-                        "teacher: require the copy; random: fresh weights")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run saved in --out (its train_state/) with its settings; --set may change "
-                        "training settings such as max_steps")
-    cli.add_overrides(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--json", action="store_true", help="print final metrics as one JSON object on stdout")
-    return p
+    return cli.build_parser(DistillSettings, "distill",
+                            "Train a smaller student from a teacher checkpoint: soft targets (KL at temperature T) "
+                            "plus the data's cross-entropy, optionally hidden states. Training settings as for "
+                            "`leangpt train` (--set max_steps=...), distillation ones under distill.* "
+                            "(distill.temperature, distill.alpha, distill.reverse_kl, distill.hidden_loss, "
+                            "distill.hidden_weight, distill.hidden_layers). Several processes: "
+                            "torchrun --nproc-per-node=N -m leangpt distill ...")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.resume:
-        if args.student_layers or args.student_preset or args.student_config:
-            raise UserError("--resume continues the saved student; drop --student-*")
-        cfg = resume_config(args.out, args.config, args.overrides)
-    else:
-        cfg = cli.apply_overrides(DistillTrainConfig(), args.config, args.overrides)
-    if args.student_preset:
-        ModelConfig.from_preset(args.student_preset)  # unknown preset fails before any work
+    s, output = parse_training_command(build_parser(), argv)
     try:
-        final = distill(cfg, args.teacher, args.data, args.out, args.student_layers, args.student_preset,
-                        args.student_config, args.student_init, overwrite=args.overwrite, resume=args.resume)
+        result = distill(s)
     finally:
         distributed.shutdown()
     if not distributed.is_main_process():
         return 0
-    result = {"checkpoint": str(args.out), "teacher": str(args.teacher), **final}
-    if args.json:
+    if output.json:
         cli.print_json(result)
-    elif "interrupted" not in final:
-        cli.log(f"saved {args.out}: val loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
-                f"bits/byte {final['val_bits_per_byte']:.4f}")
+    elif "interrupted" not in result:
+        cli.log(f"saved {s.out}: val loss {result['val_loss']:.4f}, perplexity {result['val_perplexity']:.2f}, "
+                f"bits/byte {result['val_bits_per_byte']:.4f}")
     return 0

@@ -38,9 +38,14 @@ class World:
         return self.size > 1
 
 
+def under_torchrun() -> bool:
+    """True in a process that torchrun started (it sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def init(device: torch.device) -> World:
-    """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set); one process otherwise."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    """Join the torchrun process group when launched by torchrun; one process otherwise."""
+    if not under_torchrun():
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
@@ -122,8 +127,10 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """`leangpt train --nproc N ...`: re-run this command under torchrun with N processes on this machine."""
+def launch(command: str, nproc: int, argv: list[str] | None) -> int:
+    """`leangpt COMMAND --nproc N ...`: run the same command line (default: this process's) under torchrun with N
+    processes on this machine. They see --nproc too, and ignore it: torchrun started them."""
+    args = sys.argv[2:] if argv is None else argv
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "leangpt", "train", *argv]
+           "-m", "leangpt", command, *args]
     return subprocess.call(cmd)

@@ -6,19 +6,21 @@
                                 metrics.jsonl      (the log so far)
 
 A step directory is written under a temporary name and renamed into place, so a kill during a save leaves the
-previous ones intact; the last `keep` are kept. Used by train and by everything built on its loop.
+previous ones intact; the last `keep` are kept. Used by train and by everything built on its loop, which also
+find here what a resume may change: the saved settings, and the checks that the data and the model are the same.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from leangpt.errors import UserError
 from leangpt.fsutil import read_json
 
 STATE_DIR = "train_state"
+Settings = TypeVar("Settings")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -106,3 +109,51 @@ def restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng["torch"])), dtype=torch.uint8))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng["cuda"])), dtype=torch.uint8))
+
+
+def saved_settings(out: Path, cls: type[Settings]) -> Settings:
+    """A cls (TrainConfig, or settings built on it) holding the training settings of the run saved in out; its
+    other fields keep their defaults. A resumed command applies its --config and --set over these."""
+    saved = read_state(latest(out))["train_config"]
+    settings = cls()
+    for f in dataclasses.fields(settings):
+        if f.name not in saved:
+            continue
+        value, default = saved[f.name], getattr(settings, f.name)
+        if dataclasses.is_dataclass(default):  # nested settings, e.g. distill's
+            known = {g.name for g in dataclasses.fields(default)}
+            value = dataclasses.replace(default, **{k: v for k, v in value.items() if k in known})
+        setattr(settings, f.name, value)
+    return settings
+
+
+def check_resumable(state: dict[str, Any], data: Path, fingerprint: dict[str, Any],
+                    train_config: dict[str, Any], model_config: dict[str, Any] | None) -> None:
+    """Refuse, naming the first difference, to continue a saved run on other data or with another model.
+
+    fingerprint: the data's now (leangpt.train_data.data_fingerprint); train_config: the settings now;
+    model_config: the config of the model given to train, if one was (else the settings' preset and model.*
+    overrides are compared).
+    """
+    for key, saved in state["data"].items():
+        if fingerprint.get(key) != saved:
+            raise UserError(f"--resume: dataset {data} differs from the saved run's ({key}: "
+                            f"{fingerprint.get(key)} now, {saved} saved)")
+    if model_config is not None:
+        changed = _first_difference(model_config, state["model_config"])
+        if changed:
+            raise UserError(f"--resume: the model differs from the saved run's ({changed}: "
+                            f"{model_config.get(changed)} now, {state['model_config'].get(changed)} saved)")
+        return
+    saved_config = state["train_config"]
+    if train_config["preset"] != saved_config["preset"]:
+        raise UserError(f"--resume: model preset {train_config['preset']} differs from the saved run's "
+                        f"{saved_config['preset']}; the model cannot change in a resumed run")
+    changed = _first_difference(train_config["model"], saved_config["model"])
+    if changed:
+        raise UserError(f"--resume: model config differs from the saved run (model.{changed}); "
+                        f"the model cannot change in a resumed run")
+
+
+def _first_difference(now: dict[str, Any], saved: dict[str, Any]) -> str | None:
+    return next((k for k in sorted(set(now) | set(saved)) if now.get(k) != saved.get(k)), None)

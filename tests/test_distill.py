@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from leangpt import train_state
 from leangpt.checkpoint import load_checkpoint, save_checkpoint
 from leangpt.config import ModelConfig
 from leangpt.data.tokenizer import TextTokenizer
@@ -181,16 +182,15 @@ def test_must_work_command(tmp_path, capsys, teacher_dir, dataset_dir):
 
 def test_alpha_zero_distill_equals_plain_training(tmp_path, teacher_dir, dataset_dir):
     """α = 0 with a random student is exactly `train` from scratch: same weights after the same steps."""
-    from leangpt.distill import DistillTrainConfig, distill
+    from leangpt.distill import DistillSettings, distill
     from leangpt.train import TrainConfig, train
 
     common = dict(max_steps=3, batch_size=2, block_size=16, eval_every=0, eval_tokens=128)
-    cfg = DistillTrainConfig(**common)
-    cfg.distill.alpha = 0.0
     n_layer = {"n_layer": 2}
     spec = tmp_path / "student.yaml"
     spec.write_text(json.dumps(n_layer))
-    distill(cfg, teacher_dir, dataset_dir, tmp_path / "d", config_file=spec, init="random", progress=False)
+    distill(DistillSettings(teacher=teacher_dir, data=dataset_dir, out=tmp_path / "d", student_config=spec,
+                            student_init="random", distill=DistillConfig(alpha=0.0), progress=False, **common))
     train(TrainConfig(preset="tiny", model=n_layer, **common), dataset_dir, tmp_path / "p", progress=False)
     a, b = load_checkpoint(tmp_path / "d")[0].state_dict(), load_checkpoint(tmp_path / "p")[0].state_dict()
     for name in a:
@@ -215,11 +215,31 @@ def test_resume_restores_student_and_projection(tmp_path, capsys, teacher_dir, d
     assert json.loads((tmp_path / "b" / "leangpt.json").read_text())["distill"]["hidden_loss"] == "mse"
 
 
+def test_resume_on_other_data_with_the_same_tokenizer_is_refused(tmp_path, capsys, teacher_dir, dataset_dir):
+    """train() makes the resume checks itself, so distill --resume gets the dataset check that train --resume makes."""
+    from leangpt.data.prepare import PrepareSettings, prepare
+
+    out = tmp_path / "s"
+    base = ["distill", "--teacher", str(teacher_dir), "--out", str(out), "--set=batch_size=2", "--set=block_size=16",
+            "--set=eval_every=0", "--set=eval_tokens=128"]
+    assert run_cli([*base, "--data", str(dataset_dir), "--student-layers", "0,3", "--set=max_steps=2"], capsys)[0] == 0
+    other = tmp_path / "other"
+    prepare(PrepareSettings(source=[str(write_corpus(tmp_path / "c", n_docs=30, seed=5))], out=other,
+                            tokenizer=teacher_dir, val_fraction=0.2, seed=0, filters_enabled=False))
+    code, _, err = run_cli([*base, "--data", str(other), "--resume", "--set=max_steps=4"], capsys)
+    assert code == 2 and "differs from the saved run" in err and len(err.strip().splitlines()) == 1
+    assert [d.name for d in train_state.step_dirs(out)] == ["step-00000002"]
+    code, stdout, err = run_cli([*base, "--data", str(dataset_dir), "--resume", "--set=max_steps=4", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["step"] == 4, err
+    assert load_checkpoint(out)[2]["student"]["layers"] == [0, 3]
+
+
 def test_mismatched_tokenizer_or_vocab_is_refused(tmp_path, capsys, teacher_dir):
-    from leangpt.data.prepare import prepare
+    from leangpt.data.prepare import PrepareSettings, prepare
 
     other = tmp_path / "other"
-    prepare([str(write_corpus(tmp_path / "c", n_docs=4, seed=3))], other, vocab_size=300)
+    prepare(PrepareSettings(source=[str(write_corpus(tmp_path / "c", n_docs=4, seed=3))], out=other, vocab_size=300,
+                            filters_enabled=False))
     code, _, err = run_cli(["distill", "--teacher", str(teacher_dir), "--data", str(other), "--out", str(tmp_path / "o")],
                            capsys)
     assert code == 2 and "teacher's tokenizer" in err and len(err.strip().splitlines()) == 1
@@ -240,6 +260,9 @@ def test_mismatched_tokenizer_or_vocab_is_refused(tmp_path, capsys, teacher_dir)
     (["--set", "distill.hidden_loss=l1"], "hidden_loss"),
     (["--set", "model.n_layer=2"], "drop preset / model"),
     (["--set", "compile=true", "--set", "distill.hidden_loss=cosine"], "compile=false"),
+    (["--student-layers", "0,2", "--student-preset", "tiny"], "at most one of"),
+    (["--student-preset", "huge"], "unknown preset"),
+    (["--resume", "--student-layers", "0,2"], "drop --student-*"),
 ])
 def test_bad_options_fail_cleanly(tmp_path, capsys, teacher_dir, dataset_dir, extra, message):
     out = tmp_path / "s"

@@ -42,8 +42,9 @@ def test_fine_tune_from_checkpoint(tmp_path, tiny_checkpoint, dataset_dir):
 
 def test_init_refuses_other_tokenizer(tmp_path, capsys, tiny_checkpoint):
     other = tmp_path / "other"
-    from leangpt.data.prepare import prepare
-    prepare([str(write_corpus(tmp_path / "c2", n_docs=4, seed=3))], other, vocab_size=300)
+    from leangpt.data.prepare import PrepareSettings, prepare
+    prepare(PrepareSettings(source=[str(write_corpus(tmp_path / "c2", n_docs=4, seed=3))], out=other, vocab_size=300,
+                            filters_enabled=False))
     code, _, err = run_cli(["train", "--data", str(other), "--out", str(tmp_path / "o"), "--init", str(tiny_checkpoint)], capsys)
     assert code == 2 and "prepare --tokenizer" in err
 
@@ -64,13 +65,13 @@ def test_bad_settings_fail_cleanly(tmp_path, capsys, dataset_dir, extra, message
 
 
 def test_corpus_too_short_for_a_window(tmp_path, capsys):
-    from leangpt.data.prepare import prepare
+    from leangpt.data.prepare import PrepareSettings, prepare
     data = tmp_path / "short"
     src = tmp_path / "src"
     src.mkdir()
     for i in range(3):
         (src / f"{i}.txt").write_text(f"tiny document {i}")
-    prepare([str(src)], data, vocab_size=300)
+    prepare(PrepareSettings(source=[str(src)], out=data, vocab_size=300, filters_enabled=False))
     code, _, err = run_cli(["train", "--data", str(data), "--out", str(tmp_path / "ck"), "--preset", "tiny"], capsys)
     assert code == 2 and "fewer than one training window" in err and not (tmp_path / "ck").exists()
 
@@ -103,3 +104,29 @@ def test_activation_checkpointing_gives_the_same_weights(tmp_path, dataset_dir):
     plain, ac = load_checkpoint(tmp_path / "plain")[0], load_checkpoint(tmp_path / "ac")[0]
     for (name, a), (_, b) in zip(plain.state_dict().items(), ac.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_val_figures_are_those_of_leangpt_eval(tmp_path, dataset_dir, capsys):
+    """Training's final evaluation is `leangpt eval` on the same tokens: the same function, the same precision."""
+    out = tmp_path / "ck"
+    final = train(TrainConfig(preset="tiny", max_steps=3, batch_size=4, eval_every=0, eval_tokens=300), dataset_dir,
+                  out, progress=False)
+    code, stdout, _ = run_cli(["eval", "--model", str(out), "--data", str(dataset_dir), "--max-tokens", "300",
+                               "--batch-size", "4", "--json"], capsys)
+    assert code == 0
+    scored = json.loads(stdout)
+    assert final["val_tokens_scored"] == scored["tokens"] == 300
+    assert final["val_bits_per_byte"] == scored["bits_per_byte"] and final["val_loss"] == scored["loss"]
+
+
+def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, capsys, dataset_dir, monkeypatch):
+    from leangpt import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "launch", lambda command, nproc, argv: calls.append((command, nproc, argv)) or 0)
+    monkeypatch.delenv("RANK", raising=False)
+    argv = ["--data", str(dataset_dir), "--out", str(tmp_path / "ck"), "--nproc", "2", "--preset", "tiny"]
+    assert run_cli(["train", *argv], capsys)[0] == 0
+    assert calls == [("train", 2, argv)] and not (tmp_path / "ck").exists()
+    code, _, err = run_cli(["train", *argv[:4], "--nproc", "0"], capsys)
+    assert code == 2 and "--nproc must be >= 1" in err

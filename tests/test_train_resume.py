@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from leangpt import train_state
+from leangpt.errors import UserError
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +85,23 @@ def test_resume_refuses_mismatches(tmp_path, capsys, dataset_dir, corpus_dir):
     code, _, err = run_cli(["train", "--data", str(dataset_dir), "--out", str(out), "--resume",
                             "--set", "model.n_layer=3"], capsys)
     assert code == 2 and "model.n_layer" in err
-    from leangpt.data.prepare import prepare
+    from leangpt.data.prepare import PrepareSettings, prepare
     from tests.conftest import write_corpus
     other = tmp_path / "other"
-    prepare([str(write_corpus(tmp_path / "c2", n_docs=30, seed=5))], other, vocab_size=512, val_fraction=0.2, seed=0)
+    prepare(PrepareSettings(source=[str(write_corpus(tmp_path / "c2", n_docs=30, seed=5))], out=other, vocab_size=512,
+                            val_fraction=0.2, seed=0, filters_enabled=False))
     code, _, err = run_cli(["train", "--data", str(other), "--out", str(out), "--resume"], capsys)
     assert code == 2 and "differs from the saved run" in err and len(err.strip().splitlines()) == 1
+    # The library call makes the same checks (distill and prune recovery pass their own model).
+    from leangpt.config import ModelConfig
+    from leangpt.model import GPT
+    from leangpt.train import TrainConfig, train
+    with pytest.raises(UserError, match="differs from the saved run"):
+        train(TrainConfig(preset="tiny", max_steps=4), other, out, resume=True, progress=False)
+    with pytest.raises(UserError, match=r"the model differs from the saved run's \(n_layer: 3 now, 2 saved\)"):
+        train(TrainConfig(max_steps=4), dataset_dir, out, resume=True, progress=False,
+              model=GPT(ModelConfig.from_dict({**train_state.read_state(train_state.latest(out))["model_config"],
+                                               "n_layer": 3})))
     # A longer run continues from the saved step; a half-written save is ignored.
     (out / "train_state" / ".step-00000099.tmp-x").mkdir()
     code, stdout, _ = run_cli(["train", "--data", str(dataset_dir), "--out", str(out), "--resume",

@@ -13,7 +13,9 @@ from leangpt.data.tokenizer import TextTokenizer
 from leangpt.distributed import World
 from leangpt.model import GPT
 from leangpt.schedules import NoiseScale, noise_scale_accum, ramp_accum, warmup_stable_decay
-from leangpt.train import TrainConfig, accumulate_gradients, lm_loss, token_loss, train
+from leangpt.train import TrainConfig, train
+from leangpt.train_data import first_targets
+from leangpt.train_step import accumulate_gradients, lm_loss, token_loss
 from tests.conftest import run_cli
 
 
@@ -72,6 +74,9 @@ def test_fine_tune_on_jsonl_pairs(tmp_path, capsys, tiny_checkpoint):
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert losses[-1] < losses[0] / 3  # a fixed completion is learned fast, when only it is scored
     assert json.loads(stdout)["val_loss"] < 1.0
+    code, stdout, err = run_cli(["train", "--data", str(pairs), "--init", str(tiny_checkpoint), "--out", str(out),
+                                 "--overwrite", "--set", "max_steps=1", "--set", "eval_tokens=5", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["val_tokens_scored"] == 5, err  # SFT evaluation honours eval_tokens
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     code, _, err = run_cli(["train", "--data", str(bad), "--init", str(tiny_checkpoint), "--out", str(tmp_path / "x")], capsys)
@@ -149,3 +154,10 @@ def test_aux_module_is_trained_and_saved_in_train_state(tmp_path, dataset_dir):
     torch.testing.assert_close(tensors["aux.weight"], aux.weight.detach())
     from safetensors.torch import load_file
     assert not any("aux" in k for k in load_file(str(tmp_path / "aux" / "model.safetensors")))
+
+
+def test_first_targets_keeps_the_first_n_target_tokens():
+    ex = [([1, 2, 3], [IGNORE_INDEX, 5, 6]), ([7, 8], [9, 10]), ([11], [12])]
+    assert first_targets(ex, None) == ex
+    assert first_targets(ex, 3) == [ex[0], ([7], [9])]
+    assert first_targets(ex, 4) == ex[:2] and first_targets(ex, 1) == [([1, 2], [IGNORE_INDEX, 5])]

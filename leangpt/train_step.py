@@ -1,0 +1,103 @@
+"""One optimizer step, the parts that decide correctness and are shared by train, distill and prune: the loss
+as a mean over target tokens, gradients accumulated so that they equal the big-batch gradient, the optimizer,
+and a step that skips itself when the gradient is not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from leangpt import distributed
+from leangpt.data.batches import IGNORE_INDEX
+from leangpt.device import autocast
+
+if TYPE_CHECKING:
+    from leangpt.train import TrainConfig
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def token_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens (y != IGNORE_INDEX). logits (B, T, V), y (B, T).
+
+    z_loss adds z_loss · mean(log Z)², which keeps the softmax normaliser near 1 (PaLM).
+    """
+    flat, targets = logits.float().flatten(0, 1), y.flatten()
+    loss = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    if z_loss:
+        mask = targets != IGNORE_INDEX
+        loss = loss + z_loss * (torch.logsumexp(flat, dim=-1)[mask] ** 2).mean()
+    return loss
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+            z_loss: float = 0.0) -> torch.Tensor:
+    """The default loss_fn: mean next-token cross-entropy over the micro-batch's target tokens."""
+    return token_loss(model(x), y, label_smoothing, z_loss)
+
+
+def configure_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases or norm scales).
+
+    The fused kernel (CPU and CUDA) skips a step itself when `found_inf` is set, with no host sync.
+    """
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
+
+
+def accumulate_gradients(wrapped: torch.nn.Module, loss_fn: LossFn, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         n_targets: int, world: distributed.World, device: torch.device, dtype: torch.dtype,
+                         noise_params: list[torch.nn.Parameter] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward and backward over this rank's micro-batches; the gradient left in .grad is that of the mean loss
+    over all n_targets target tokens of the step (every micro-batch of every rank), whatever the padding.
+
+    Returns this rank's share of that mean loss and, with noise_params, the squared norms of the micro-batches'
+    own mean gradients (for the gradient noise scale; rank-local ones only, before any all-reduce).
+    """
+    loss_sum = torch.zeros((), device=device)
+    small_sq: list[torch.Tensor] = []
+    prev = None
+    for i, (xb, yb) in enumerate(batches):
+        n_mb = int((yb != IGNORE_INDEX).sum())
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        # loss_fn gives the mean over this micro-batch's targets; its weight is its share of the step's targets.
+        # Gradient averaging over ranks divides by world.size, which the factor undoes.
+        weight = n_mb * world.size / n_targets
+        with distributed.gradient_sync(wrapped, i == len(batches) - 1):
+            with autocast(device, dtype):
+                loss = loss_fn(wrapped, xb, yb)
+            (loss * weight).backward()
+        loss_sum += loss.detach() * weight
+        if noise_params is not None and n_mb and (i < len(batches) - 1 or not world.distributed):
+            now = torch.cat([p.grad.flatten() for p in noise_params if p.grad is not None])
+            diff = now if prev is None else now - prev
+            small_sq.append((diff / weight).square().sum())  # the micro-batch's own mean gradient
+            prev = now
+    return loss_sum, small_sq
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                 grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the global gradient norm (0: no clipping) and step, unless the gradient is not finite.
+
+    Returns the norm before clipping and 1.0 where the step was skipped (0.0 otherwise), both on the device.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    bad = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused", False):
+        optimizer.found_inf = bad  # the fused step skips itself when the gradient is not finite
+        optimizer.step()
+    elif not bad.item():  # foreach fallback: one host sync per step
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, bad
