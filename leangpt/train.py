@@ -167,6 +167,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     data: TrainData
     checkpointer: Checkpointer
+    peak_flops: float  # the measured matmul peak that MFU is reported against
     step: int = 0
     tokens_seen: int = 0
     train_time_s: float = 0.0
@@ -289,8 +290,8 @@ def train(cfg: TrainConfig, data: Path, out: Path, init: Path | None = None, ove
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     try:
-        run, peak = _start(cfg, data, out, init, overwrite, resume, model, aux_module, extra_meta or {}, world, device)
-        return _loop(run, loss_fn, on_step_end, RunLog(run, tensorboard, progress), peak)
+        run = _start(cfg, data, out, init, overwrite, resume, model, aux_module, extra_meta or {}, world, device)
+        return _loop(run, loss_fn, on_step_end, RunLog(run, tensorboard, progress))
     finally:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(False)
@@ -306,9 +307,8 @@ class SavedRun(NamedTuple):
 
 def _start(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite: bool, resume: bool,
            model: GPT | None, aux_module: torch.nn.Module | None, extra_meta: dict[str, Any],
-           world: distributed.World, device: torch.device) -> tuple[Run, float]:
-    """The run ready for its first step: fresh, or restored from out's train_state/ after the resume checks.
-    Also returns the matmul peak that MFU is reported against."""
+           world: distributed.World, device: torch.device) -> Run:
+    """The run ready for its first step: fresh, or restored from out's train_state/ after the resume checks."""
     saved = _read_saved_run(out, resume, overwrite, init)
     fingerprint = data_fingerprint(data)
     parent = init
@@ -333,16 +333,15 @@ def _start(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
                  "train_config": dataclasses.asdict(cfg), "init": str(parent) if parent else None}
     checkpointer = Checkpointer(out, tokenizer, cfg.keep_last, world, world.distributed and cfg.parallel == "fsdp",
                                 meta, run_state, resumed=saved is not None)
-    run = Run(cfg, world, device, dtype, block_size, model, wrapped, holder, list(params.values()), optimizer,
-              train_data, checkpointer,
-              grad_accum=1 if cfg.batch_schedule == "ramp" else cfg.grad_accum)
     peak = matmul_peak_flops(device, dtype)  # measured before the seed below, so that it never moves the RNG
+    run = Run(cfg, world, device, dtype, block_size, model, wrapped, holder, list(params.values()), optimizer,
+              train_data, checkpointer, peak, grad_accum=1 if cfg.batch_schedule == "ramp" else cfg.grad_accum)
     torch.manual_seed(cfg.seed + world.rank)  # dropout differs across ranks
     if saved is not None:
         run.restore(saved.tensors, saved.optimizer, saved.state, saved.history)
         if world.is_main:
             print(f"resuming from {saved.step_dir} (step {run.step}, {run.tokens_seen:,} tokens)", file=sys.stderr)
-    return run, peak
+    return run
 
 
 def _read_saved_run(out: Path, resume: bool, overwrite: bool, init: Path | None) -> SavedRun | None:
@@ -404,8 +403,7 @@ def _prepare_model(model: GPT, aux_module: torch.nn.Module | None, cfg: TrainCon
     return wrapped, torch.nn.ModuleDict(modules)
 
 
-def _loop(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None, log: RunLog,
-          peak: float) -> dict[str, Any]:
+def _loop(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None, log: RunLog) -> dict[str, Any]:
     """Step until max_steps (or a signal), logging, evaluating and saving on the way; returns the final metrics."""
     cfg, world = run.cfg, run.world
     flops_per_token = train_flops_per_token(run.model, run.block_size)
@@ -432,7 +430,7 @@ def _loop(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None, 
             if logging_now:
                 tps = (run.tokens_seen - start_tokens) / max(run.train_time_s - start_time, 1e-9)
                 last = {"step": run.step, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                        "tokens": run.tokens_seen, "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                        "tokens": run.tokens_seen, "tokens_per_s": tps, "mfu": tps * flops_per_token / run.peak_flops,
                         "grad_accum": run.grad_accum, "skipped_steps": int(bad_steps.skipped)}
                 if run.noise.estimate is not None:
                     last["noise_scale"] = run.noise.estimate
@@ -446,7 +444,7 @@ def _loop(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None, 
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step != cfg.max_steps:
                 run.save(last)
     log.bar.close()
-    return _finish(run, log, last, interrupted, peak)
+    return _finish(run, log, last, interrupted)
 
 
 def _step(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None,
@@ -477,7 +475,7 @@ def _step(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None,
     return loss_sum, grad_norm
 
 
-def _finish(run: Run, log: RunLog, last: dict[str, Any], interrupted: str | None, peak: float) -> dict[str, Any]:
+def _finish(run: Run, log: RunLog, last: dict[str, Any], interrupted: str | None) -> dict[str, Any]:
     """Save the interrupted run as it is, or evaluate and save the finished one; returns the final metrics."""
     if interrupted:
         run.save({**last, "interrupted": interrupted})
@@ -487,7 +485,7 @@ def _finish(run: Run, log: RunLog, last: dict[str, Any], interrupted: str | None
     ev = run.evaluate()
     final = {**last, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
              "val_bits_per_byte": ev["bits_per_byte"], "val_tokens_scored": ev["tokens"],
-             "train_time_s": run.train_time_s, "params": run.model.num_params(), "peak_flops": peak,
+             "train_time_s": run.train_time_s, "params": run.model.num_params(), "peak_flops": run.peak_flops,
              "compute_dtype": str(run.dtype).removeprefix("torch."), "world_size": run.world.size}
     log.evaluation(run.step, ev, show=False)
     run.save(final)
