@@ -129,8 +129,13 @@ def barrier(world: World) -> None:
 
 def launch(command: str, nproc: int, argv: list[str] | None) -> int:
     """`leangpt COMMAND --nproc N ...`: run the same command line (default: this process's) under torchrun with N
-    processes on this machine. They see --nproc too, and ignore it: torchrun started them."""
-    args = sys.argv[2:] if argv is None else argv
+    processes on this machine, less --nproc (torchrun would take it for an abbreviation of --nproc-per-node).
+    A --nproc from --set or --config stays, and the processes ignore it: torchrun started them."""
+    args = list(sys.argv[2:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            del args[i:i + (1 if "=" in arg else 2)]
+            break
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "leangpt", command, *args]
     return subprocess.call(cmd)

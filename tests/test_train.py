@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -123,10 +124,13 @@ def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, capsys, data
     from leangpt import distributed
 
     calls = []
-    monkeypatch.setattr(distributed, "launch", lambda command, nproc, argv: calls.append((command, nproc, argv)) or 0)
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.delenv("RANK", raising=False)
-    argv = ["--data", str(dataset_dir), "--out", str(tmp_path / "ck"), "--nproc", "2", "--preset", "tiny"]
-    assert run_cli(["train", *argv], capsys)[0] == 0
-    assert calls == [("train", 2, argv)] and not (tmp_path / "ck").exists()
-    code, _, err = run_cli(["train", *argv[:4], "--nproc", "0"], capsys)
+    rest = ["--data", str(dataset_dir), "--out", str(tmp_path / "ck")]
+    assert run_cli(["train", *rest, "--nproc", "2", "--preset", "tiny"], capsys)[0] == 0
+    assert run_cli(["train", "--nproc=2", *rest], capsys)[0] == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "leangpt",
+                "train"]
+    assert calls == [[*launcher, *rest, "--preset", "tiny"], [*launcher, *rest]] and not (tmp_path / "ck").exists()
+    code, _, err = run_cli(["train", *rest, "--nproc", "0"], capsys)
     assert code == 2 and "--nproc must be >= 1" in err
