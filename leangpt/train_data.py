@@ -28,8 +28,10 @@ Example = tuple[list[int], list[int]]
 
 @dataclass
 class TrainData:
+    """The training batches (their position is saved for an exact resume) and the val scorer:
+    score(model, max_tokens) gives loss, perplexity and bits per byte over the first max_tokens val targets."""
+
     sampler: Sampler
-    # score(model, max_tokens): val loss, perplexity and bits per byte over at most max_tokens target tokens
     score: Callable[[torch.nn.Module, int], dict[str, Any]]
 
 
