@@ -78,12 +78,13 @@ def _export_gguf(s: ExportSettings) -> dict[str, Any]:
 
 def _export_onnx(s: ExportSettings) -> dict[str, Any]:
     src = read_source(s.model)
+    type_name = "f32" if s.type == "auto" else s.type
     with atomic_dir(s.out) as tmp:
-        result = onnx_graph.write_onnx(src, tmp, s.type)
-        meta = {"kind": "export", "parent": str(s.model), "format": "onnx", "type": s.type,
-                "dequantized": src.scheme_name, **result}
+        result = {"type": type_name, **onnx_graph.write_onnx(src, tmp, type_name),
+                  "dequantized_from": src.scheme_name}
+        meta = {"kind": "export", "parent": str(s.model), "format": "onnx", **result}
         (tmp / "leangpt.json").write_text(json.dumps(meta, indent=2))
-    return {**result, "dequantized": src.scheme_name}
+    return result
 
 
 def export(s: ExportSettings) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def export(s: ExportSettings) -> dict[str, Any]:
     result = _export_gguf(s) if s.format == "gguf" else _export_onnx(s)
     size = s.out.stat().st_size if s.out.is_file() else sum(f.stat().st_size for f in s.out.glob("model.onnx*"))
     parent_size = sum(f.stat().st_size for f in s.model.glob("model*.safetensors"))
-    return {"out": str(s.out), "format": s.format, "type": result.pop("type", s.type), **result,
+    return {"out": str(s.out), "format": s.format, **result,
             "size_bytes": size, "parent_size_bytes": parent_size, "seconds": time.perf_counter() - t0}
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f", {result['kept_integers']} with their integers kept"
         if result["requantized"]:
             line += f", {len(result['requantized'])} requantized"
-    elif result["dequantized"]:
-        line += f", dequantized from {result['dequantized']}"
+    elif result["dequantized_from"]:
+        line += f", dequantized from {result['dequantized_from']}"
     print(f"{line}, {result['seconds']:.1f}s")
     return 0

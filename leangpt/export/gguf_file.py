@@ -215,7 +215,8 @@ def gguf_tensors(src: Source, arch: str, requested: Q | None) -> list[tuple[str,
 
 
 def write_gguf(src: Source, path: Path, type_name: str, progress: bool = False) -> dict[str, Any]:
-    """Write src as GGUF at path; returns the architecture, file type and what became of each tensor."""
+    """Write src as GGUF at path; returns the architecture, file type and what became of each tensor (a progress
+    bar while a large file is written)."""
     arch = architecture(src.config)
     requested = None if type_name == "auto" else TYPES[type_name]
     file_type = requested or (EXACT[src.quantization["scheme"]["bits"]] if src.quantization else Q.F32)
@@ -231,7 +232,7 @@ def write_gguf(src: Source, path: Path, type_name: str, progress: bool = False) 
             w.add_tensor(name, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=progress)
+        w.write_tensors_to_file(progress=progress and sum(data.nbytes for _, data, _, _ in tensors) > 256 << 20)
     finally:
         w.close()
     hows = Counter(how for *_, how in tensors)

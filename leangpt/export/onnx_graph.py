@@ -14,6 +14,7 @@ Per-layer widths (pruned heads and neurons) are allowed: each layer takes its ow
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -202,8 +203,14 @@ def write_onnx(src: Source, directory: Path, type_name: str) -> dict[str, Any]:
     if type_name == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(fp32_path, directory / "model.onnx", weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=weight_bytes > 1 << 30)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer advises pre-processing through the root logger on every call
+        try:
+            quantize_dynamic(fp32_path, directory / "model.onnx", weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"], use_external_data_format=weight_bytes > 1 << 30)
+        finally:
+            root.setLevel(level)
         for f in directory.glob("model-fp32.onnx*"):
             f.unlink()
     src.tokenizer.save(directory)

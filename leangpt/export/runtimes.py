@@ -27,6 +27,13 @@ def llama_cpp_version() -> str | None:
     return llama_cpp.__version__
 
 
+def llama_cpp_extra_buffers() -> bool:
+    """Whether LlamaCppModel lets llama.cpp use its extra weight buffers (see there): not on CPUs with AMX."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+
+
 class LlamaCppModel:
     """A GGUF file loaded in llama.cpp with `n_seq` parallel sequences of up to `n_ctx` tokens each.
 
@@ -40,7 +47,7 @@ class LlamaCppModel:
 
         self.lib = llama_cpp
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
-        self.extra_buffers = b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+        self.extra_buffers = llama_cpp_extra_buffers()
         mp = llama_cpp.llama_model_default_params()
         mp.use_extra_bufts = self.extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
@@ -86,11 +93,14 @@ class LlamaCppModel:
         return logits.reshape(len(rows), length, -1) if all_logits else logits
 
     def close(self) -> None:
-        if self.ctx:
+        if getattr(self, "ctx", None):
             self.lib.llama_batch_free(self.batch)
             self.lib.llama_free(self.ctx)
             self.lib.llama_model_free(self.model)
             self.ctx = self.model = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> "LlamaCppModel":
         return self

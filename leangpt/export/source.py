@@ -61,8 +61,7 @@ def _quantized_weights(directory: Path, config: ModelConfig, quant: dict[str, An
     except (SafetensorError, OSError) as e:
         raise UserError(f"{directory / 'model.safetensors'}: cannot be read as safetensors ({e})") from None
     scheme = Scheme.from_dict(quant["scheme"])
-    with torch.device("meta"):  # layer shapes without allocating the model
-        shapes = GPT(config)
+    shapes = GPT(config)  # the layers' in and out features (as cheap as the float path's load_model)
     weights: dict[str, Weight] = {k: v.float() for k, v in tensors.items() if not k.endswith(QUANT_SUFFIXES)}
     for name in quant["layers"]:
         in_f, out_f = (config.n_embd, config.vocab_size) if name == "tok_emb" else (
