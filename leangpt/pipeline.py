@@ -8,12 +8,9 @@ records each finished stage, so `--resume` skips those and runs the rest.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -22,16 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
-from leangpt import cli, distributed, report
+from leangpt import cli, distributed, machine, report
+from leangpt.bench import BenchSettings, bench
 from leangpt.checkpoint import read_meta
 from leangpt.config import ModelConfig
-from leangpt.data.filters import FilterConfig
-from leangpt.data.prepare import prepare
+from leangpt.data.prepare import PrepareSettings, prepare
+from leangpt.distill import DistillSettings, distill
 from leangpt.errors import UserError
+from leangpt.evaluate import EvalSettings, evaluate
 from leangpt.fsutil import atomic_dir, atomic_write_text, check_output_dir, read_json
+from leangpt.generate import GenerateSettings, generate
+from leangpt.prune import PruneSettings, prune, recovery_defaults
+from leangpt.quantize import QuantizeSettings, quantize
 from leangpt.train import TrainConfig, train
 
 STATE_FILE = "pipeline.json"
@@ -162,21 +161,7 @@ def load_config(config_file: Path | None, overrides: list[str]) -> PipelineConfi
     return cfg
 
 
-# ---------------------------------------------------------------- running commands in this process
-
-def run_json(module: Any, argv: list[str]) -> Any:
-    """A command's main(argv + --json) in this process; its stdout (one JSON value) is parsed and returned."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = module.main([*argv, "--json"])
-    if code != 0:
-        raise RuntimeError(f"leangpt {module.__name__} exited with {code}")
-    return json.loads(buf.getvalue().strip().splitlines()[-1])
-
-
-def _sets(**settings: Any) -> list[str]:
-    return [a for k, v in settings.items() if v is not None for a in ("--set", f"{k}={v}")]
-
+# ---------------------------------------------------------------- the run directory
 
 class Run:
     """The run directory: stage outputs, their records in pipeline.json, progress on stderr."""
@@ -231,17 +216,18 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
 
 
 def config_dict(cfg: PipelineConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return cli.to_dict(cfg)
 
 
-# ---------------------------------------------------------------- the stages
+# ---------------------------------------------------------------- the stages: each calls its command's library function
 
 def stage_data(cfg: DataConfig) -> Callable[[Path], dict[str, Any]]:
     def run(tmp: Path) -> dict[str, Any]:
-        timings: dict[str, float] = {}
-        manifest = prepare(cfg.source, tmp, cfg.vocab_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                           overwrite=True, filters=FilterConfig() if cfg.filters else None, workers=os.cpu_count() or 1,
-                           progress=sys.stderr.isatty(), timings=timings)
+        settings = PrepareSettings(source=list(cfg.source), out=tmp, vocab_size=cfg.vocab_size,
+                                   val_fraction=cfg.val_fraction, seed=cfg.seed, overwrite=True,
+                                   filters_enabled=cfg.filters, workers=os.cpu_count() or 1,
+                                   progress=sys.stderr.isatty())
+        manifest = prepare(settings)
         return {"documents_read": manifest["documents_read"], "documents_kept": manifest["documents_kept"],
                 "bytes_read": manifest["bytes_read"], "vocab_size": manifest["vocab_size"],
                 "train_tokens": manifest["train"]["tokens"], "val_tokens": manifest["val"]["tokens"]}
@@ -250,9 +236,8 @@ def stage_data(cfg: DataConfig) -> Callable[[Path], dict[str, Any]]:
 
 def stage_train(cfg: TrainConfig, device: str, data: Path) -> Callable[[Path], dict[str, Any]]:
     def run(tmp: Path) -> dict[str, Any]:
-        tc = dataclasses.replace(cfg, device=device)
         try:
-            final = train(tc, data, tmp, overwrite=True)
+            final = train(dataclasses.replace(cfg, device=device), data, tmp, overwrite=True)
         finally:
             distributed.shutdown()
         return {k: final[k] for k in ("step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "val_loss",
@@ -261,32 +246,26 @@ def stage_train(cfg: TrainConfig, device: str, data: Path) -> Callable[[Path], d
 
 
 def stage_quantize(method: str, cfg: QuantizeConfig, device: str, dense: Path, data: Path) -> Callable[[Path], dict[str, Any]]:
-    from leangpt import quantize
-
     def run(tmp: Path) -> dict[str, Any]:
-        argv = ["--model", str(dense), "--method", method, "--group-size", str(cfg.group_size), "--device", device,
-                "--out", str(tmp), "--overwrite"]
+        settings = QuantizeSettings(model=dense, out=tmp, method=method, group_size=cfg.group_size, device=device,
+                                    overwrite=True, progress=False)
         if method.startswith("gptq"):
-            argv += ["--calib-data", str(data), "--calib-samples", str(cfg.calib_samples)]
-            if cfg.calib_seq_len:
-                argv += ["--calib-seq-len", str(cfg.calib_seq_len)]
-        result = run_json(quantize, argv)
-        return {k: result[k] for k in ("method", "scheme", "bits_per_weight", "size_ratio", "seconds")}
+            settings.calib_data, settings.calib_samples, settings.calib_seq_len = data, cfg.calib_samples, cfg.calib_seq_len
+        result = quantize(settings)
+        return {k: result[k] for k in ("method", "scheme", "bits_per_weight", "size_ratio", "seconds",
+                                       "quantized_layers", "tied_embeddings")}
     return run
 
 
 def stage_prune(cfg: PruneConfig, tc: TrainConfig, device: str, dense: Path, data: Path) -> Callable[[Path], dict[str, Any]]:
-    from leangpt import prune
-
     def run(tmp: Path) -> dict[str, Any]:
-        argv = ["--model", str(dense), "--method", "structured", "--heads", str(cfg.heads), "--neurons",
-                str(cfg.neurons), "--calib-data", str(data), "--calib-samples", str(cfg.calib_samples),
-                "--recover-steps", str(cfg.recover_steps), "--recover-loss", cfg.recover_loss, "--device", device,
-                "--out", str(tmp), "--overwrite",
-                *_sets(lr=cfg.lr, batch_size=tc.batch_size, block_size=tc.block_size, precision=tc.precision,
-                       eval_tokens=tc.eval_tokens, log_every=tc.log_every)]
+        recovery = dataclasses.replace(recovery_defaults(), lr=cfg.lr, batch_size=tc.batch_size, block_size=tc.block_size,
+                                       precision=tc.precision, eval_tokens=tc.eval_tokens, log_every=tc.log_every)
+        settings = PruneSettings(model=dense, out=tmp, method="structured", heads=cfg.heads, neurons=cfg.neurons,
+                                 calib_data=data, calib_samples=cfg.calib_samples, recover_steps=cfg.recover_steps,
+                                 recover_loss=cfg.recover_loss, device=device, overwrite=True, recovery=recovery)
         try:
-            result = run_json(prune, argv)
+            result = prune(settings)
         finally:
             distributed.shutdown()
         keep = ("heads", "neurons", "heads_before", "neurons_before", "params_before", "params", "prune_seconds")
@@ -298,32 +277,32 @@ def stage_prune(cfg: PruneConfig, tc: TrainConfig, device: str, dense: Path, dat
 
 
 def stage_distill(cfg: DistillStageConfig, tc: TrainConfig, device: str, dense: Path, data: Path) -> Callable[[Path], dict[str, Any]]:
-    from leangpt import distill
-
     def run(tmp: Path) -> dict[str, Any]:
-        argv = ["--teacher", str(dense), "--data", str(data), "--out", str(tmp), "--overwrite",
-                *(["--student-layers", cfg.student_layers] if cfg.student_layers else []),
-                *_sets(max_steps=cfg.max_steps, lr=cfg.lr, batch_size=tc.batch_size, block_size=tc.block_size,
-                       precision=tc.precision, eval_every=0, eval_tokens=tc.eval_tokens, log_every=tc.log_every,
-                       device=device, seed=tc.seed)]
+        settings = DistillSettings(teacher=dense, data=data, out=tmp, overwrite=True, student_layers=cfg.student_layers,
+                                   max_steps=cfg.max_steps, lr=cfg.lr, batch_size=tc.batch_size,
+                                   block_size=tc.block_size, precision=tc.precision, eval_every=0,
+                                   eval_tokens=tc.eval_tokens, log_every=tc.log_every, device=device, seed=tc.seed)
         try:
-            result = run_json(distill, argv)
+            result = distill(settings)
         finally:
             distributed.shutdown()
         return {k: result[k] for k in ("step", "train_time_s", "val_loss", "val_bits_per_byte", "params") if k in result}
     return run
 
 
-def stage_eval(cfg: EvalConfig, device: str, models: dict[str, Path], data: Path) -> Callable[[Path], dict[str, Any]]:
-    """`leangpt eval` of every variant; the others also `--reference` the dense model for KL and top-1 agreement."""
-    from leangpt import evaluate
+def eval_settings(cfg: EvalConfig, device: str, model: Path, data: Path, reference: Path | None) -> EvalSettings:
+    """The `leangpt eval` settings the pipeline uses for one variant (tests rerun exactly these)."""
+    return EvalSettings(model=model, data=data, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
+                        reference=reference, device=device, progress=False)
 
+
+def stage_eval(cfg: EvalConfig, device: str, models: dict[str, Path], data: Path) -> Callable[[Path], dict[str, Any]]:
+    """`leangpt eval` of every variant; the others also take the dense model as reference (KL, top-1 agreement)."""
     def run(tmp: Path) -> dict[str, Any]:
         results = {}
         for name, path in models.items():
-            argv = eval_argv(cfg, device, path, data, None if name == "dense" else models["dense"])
             t0 = time.perf_counter()
-            results[name] = run_json(evaluate, argv)
+            results[name] = evaluate(eval_settings(cfg, device, path, data, None if name == "dense" else models["dense"]))
             cli.log(f"pipeline: eval {name}: bits/byte {results[name]['bits_per_byte']:.4f} "
                     f"({time.perf_counter() - t0:.1f}s)")
             (tmp / f"{name}.json").write_text(json.dumps(results[name], indent=2))
@@ -331,28 +310,12 @@ def stage_eval(cfg: EvalConfig, device: str, models: dict[str, Path], data: Path
     return run
 
 
-def eval_argv(cfg: EvalConfig, device: str, model: Path, data: Path, reference: Path | None) -> list[str]:
-    """The `leangpt eval` arguments the pipeline uses for one variant (tests rerun exactly these)."""
-    argv = ["--model", str(model), "--data", str(data), "--batch-size", str(cfg.batch_size), "--device", device]
-    if cfg.max_tokens is not None:
-        argv += ["--max-tokens", str(cfg.max_tokens)]
-    if reference is not None:
-        argv += ["--reference", str(reference)]
-    return argv
-
-
 def stage_bench(cfg: BenchConfig, device: str, models: dict[str, Path]) -> Callable[[Path], dict[str, Any]]:
     """`leangpt bench` of every variant (each record in its own fresh process, so its peak memory is its own)."""
-    from leangpt import bench
-
     def run(tmp: Path) -> dict[str, Any]:
-        argv = [a for path in models.values() for a in ("--model", str(path))]
-        argv += [a for b in cfg.batches for a in ("--batch", str(b))]
-        argv += ["--prompt-tokens", str(cfg.prompt_tokens), "--new-tokens", str(cfg.new_tokens),
-                 "--repeats", str(cfg.repeats), "--device", device]
-        if cfg.threads:
-            argv += ["--threads", str(cfg.threads)]
-        records = run_json(bench, argv)
+        records = bench(BenchSettings(models=list(models.values()), batches=list(cfg.batches),
+                                      prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens, repeats=cfg.repeats,
+                                      threads=cfg.threads, device=device))
         (tmp / "results.json").write_text(json.dumps(records, indent=2))
         by_path = {str(p): name for name, p in models.items()}
         out: dict[str, Any] = {name: {} for name in models}
@@ -363,12 +326,9 @@ def stage_bench(cfg: BenchConfig, device: str, models: dict[str, Path]) -> Calla
 
 
 def stage_sample(cfg: SampleConfig, device: str, dense: Path) -> Callable[[Path], dict[str, Any]]:
-    from leangpt import generate
-
     def run(tmp: Path) -> dict[str, Any]:
-        result = run_json(generate, ["--model", str(dense), "--prompt", cfg.prompt, "--max-new-tokens",
-                                     str(cfg.max_new_tokens), "--temperature", str(cfg.temperature),
-                                     "--seed", str(cfg.seed), "--device", device])
+        result = generate(GenerateSettings(model=dense, prompt=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, seed=cfg.seed, device=device))
         (tmp / "sample.json").write_text(json.dumps(result, indent=2))
         return result
     return run
@@ -376,25 +336,10 @@ def stage_sample(cfg: SampleConfig, device: str, dense: Path) -> Callable[[Path]
 
 # ---------------------------------------------------------------- the whole chain
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
-    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1) if memory else None,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, resume: bool = False,
                  command: str = "leangpt pipeline") -> dict[str, Any]:
     """Run every stage into the run directory `out` and write its report; returns report.json's content."""
+    cfg.validate()
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if resume:
@@ -425,7 +370,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, resume
         "wall_s": time.perf_counter() - t0, "resumed": resume,
         "stages_total_s": sum(v["seconds"] for v in run.state["stages"].values()),
         "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
-        "machine": machine(), "config": run.state["config"],
+        "machine": machine.describe(), "config": run.state["config"],
         "stages": {k: {"seconds": v["seconds"], "load_average": v["load_average"]} for k, v in run.state["stages"].items()},
         "variants": {name: {"checkpoint": str(models[name]), "stage": run.state["stages"].get(name, {}).get("result"),
                             "eval": run.state["stages"]["eval"]["result"][name],
@@ -457,34 +402,39 @@ def write_report(out: Path, results: dict[str, Any], plot: bool) -> None:
 
 # ---------------------------------------------------------------- the command
 
+@dataclass
+class PipelineCommand(PipelineConfig):
+    """The pipeline's settings plus where the run goes: what `leangpt pipeline` parses."""
+
+    out: Path = cli.setting(Path("runs/pipeline"), "run directory to write")
+    overwrite: bool = cli.setting(False, "replace an existing run directory (never a folder that is not a run)")
+    resume: bool = cli.setting(False, "continue the run in --out: stages finished there are kept, the rest run "
+                                      "(the settings must be the saved run's)")
+
+    def validate(self) -> None:
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite exclude each other")
+        super().validate()
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PipelineConfig)})
+
+
 def build_parser() -> cli.ArgumentParser:
-    p = cli.parser("pipeline", "The main job on one config: prepare the data, train a model, make its smaller "
-                               "variants (int8, GPTQ int4, structured pruning, optionally a distilled student), "
-                               "evaluate and benchmark each, and write RUN/report.md and RUN/report.json with every "
-                               "variant side by side. Settings: configs/default.yaml lists them (the defaults); "
-                               "nested keys with dots, e.g. --set train.max_steps=100 --set distill.enabled=true.")
-    cli.add_overrides(p)
-    p.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory to write")
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    what.add_argument("--resume", action="store_true",
-                      help="continue the run in --out: stages finished there are kept, the rest run "
-                           "(the settings must be the saved run's)")
-    p.add_argument("--print-config", action="store_true", help="print the settings as YAML and exit")
-    p.add_argument("--json", action="store_true", help="print report.json's content as one JSON object on stdout")
-    return p
+    return cli.build_parser(PipelineCommand, "pipeline", "The main job on one config: prepare the data, train a "
+                            "model, make its smaller variants (int8, GPTQ int4, structured pruning, optionally a "
+                            "distilled student), evaluate and benchmark each, and write RUN/report.md and "
+                            "RUN/report.json with every variant side by side. Settings: configs/default.yaml lists "
+                            "them (the defaults); nested keys with dots, e.g. --set train.max_steps=100 --set "
+                            "distill.enabled=true.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(yaml.safe_dump(config_dict(cfg), sort_keys=False), end="")
-        return 0
+    settings, output = cli.parse(build_parser(), argv)
     command = shlex.join(["leangpt", "pipeline", *(sys.argv[2:] if argv is None else argv)])
-    results = run_pipeline(cfg, args.out, args.overwrite, args.resume, command)
-    cli.log(f"pipeline: wrote {args.out / 'report.md'} in {results['wall_s']:.0f}s")
-    if args.json:
+    results = run_pipeline(settings.pipeline_config(), settings.out, settings.overwrite, settings.resume, command)
+    cli.log(f"pipeline: wrote {settings.out / 'report.md'} in {results['wall_s']:.0f}s")
+    if output.json:
         cli.print_json(results)
     else:
         print(report.variant_table(results))

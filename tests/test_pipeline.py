@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from leangpt import pipeline, report
+from leangpt.evaluate import evaluate
 from tests.conftest import run_cli
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -21,7 +23,7 @@ TINY = CONFIGS / "tiny.yaml"
 def tiny_args(corpus: Path, out: Path) -> list[str]:
     # One bench batch: each (model, batch) is benchmarked in a fresh process, seconds apiece on 2 busy cores.
     return ["--config", str(TINY), "--set", f"data.source={corpus}", "--set", "sample.prompt=The king",
-            "--set", "bench.batches=1", "--out", str(out)]
+            "--set", "bench.batches=1", "--set", "train.model.n_layer=3", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,8 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
     assert sizes["gptq-int4"] < sizes["int8"] < sizes["dense"]
     assert results["sample"]["text"] and results["sample"]["prompt"] == "The king"
     assert set(results["stages"]) == {*variants, "data", "eval", "bench", "sample"}
+    # A nested model override reaches the model, converted from text to an int (--set train.model.n_layer=3).
+    assert json.loads((out / "dense" / "config.json").read_text())["n_layer"] == 3
     assert len(results["load_average_start"]) == 3 and results["machine"]["cores"] >= 1
 
 
@@ -64,12 +68,9 @@ def test_report_numbers_are_what_eval_gives(tiny_run, capsys):
     cfg = pipeline.load_config(TINY, [])
     for name, v in results["variants"].items():
         reference = None if name == "dense" else out / "dense"
-        argv = pipeline.eval_argv(cfg.eval, "auto", out / name, out / "data", reference)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("LEANGPT_QUANT_KERNEL", "reference")
-            code, stdout, _ = run_cli(["eval", *argv, "--json"], capsys)
-        assert code == 0
-        expected = json.loads(stdout)
+            expected = evaluate(pipeline.eval_settings(cfg.eval, "auto", out / name, out / "data", reference))
         keys = ("bits_per_byte", "perplexity", "loss", "tokens") + (() if name == "dense" else ("kl", "top1_agreement"))
         for key in keys:
             assert v["eval"][key] == pytest.approx(expected[key], rel=1e-9), (name, key)
@@ -108,10 +109,12 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, corpus_dir, caps
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "train.nope=1"], "unknown setting 'nope'"),
+    (["--set", "train.nope=1"], "unknown setting 'train.nope'"),
     (["--set", "nope=1"], "unknown setting 'nope'"),
     (["--set", "bench.batches=0"], "bench.batches"),
     (["--set", "train.preset=huge"], "unknown preset"),
+    (["--set", "train.model.n_layer=two"], "bad value for train.model.n_layer"),
+    (["--set", "train.model.n_layers=2"], "unknown setting 'train.model.n_layers'"),
 ])
 def test_bad_settings_fail_before_any_work(tmp_path, capsys, args, message):
     code, _, err = run_cli(["pipeline", *args, "--out", str(tmp_path / "run")], capsys)
@@ -123,16 +126,18 @@ def test_bad_key_in_config_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_steps: 5\nquantize:\n  int3: true\n")
     code, _, err = run_cli(["pipeline", "--config", str(bad), "--out", str(tmp_path / "run")], capsys)
-    assert code == 2 and "unknown setting 'int3'" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "unknown setting 'quantize.int3'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_default_yaml_is_the_default(capsys):
     """configs/default.yaml lists every section with the values the command uses when given no config."""
     assert pipeline.load_config(CONFIGS / "default.yaml", []) == pipeline.PipelineConfig()
-    listed = pipeline.yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    listed = yaml.safe_load((CONFIGS / "default.yaml").read_text())
     assert set(listed) == set(pipeline.config_dict(pipeline.PipelineConfig()))
     code, out, _ = run_cli(["pipeline", "--print-config"], capsys)
-    assert code == 0 and pipeline.yaml.safe_load(out) == pipeline.config_dict(pipeline.PipelineConfig())
+    printed = yaml.safe_load(out)
+    assert code == 0 and printed == {**pipeline.config_dict(pipeline.PipelineConfig()),
+                                     "out": "runs/pipeline", "overwrite": False, "resume": False}
 
 
 def test_help(capsys):

@@ -102,9 +102,12 @@ def _settings_cls(command: str) -> type:
     return importlib.import_module(COMMANDS[command][0]).build_parser().settings_cls
 
 
-def _a_number_field(cls: type) -> str:
+def _a_typed_field(cls: type) -> tuple[str, str]:
+    """A setting with a value its type refuses: a number field, else a true/false one."""
     hints = typing.get_type_hints(cls)
-    return next(f.name for f in dataclasses.fields(cls) if hints[f.name] in (int, float, int | None, float | None))
+    fields = dataclasses.fields(cls)
+    number = [f.name for f in fields if hints[f.name] in (int, float, int | None, float | None)]
+    return (number[0], "not-a-number") if number else (next(f.name for f in fields if hints[f.name] is bool), "maybe")
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -112,8 +115,8 @@ def test_every_command_rejects_a_bad_key_and_a_bad_value(command, tmp_path, caps
     assert _settings_cls(command) is not None, f"{command} does not build its parser from a settings dataclass"
     code, _, err = run_cli([command, "--set", "no_such_setting=1"], capsys)
     assert code == 2 and "unknown setting 'no_such_setting'" in err and len(err.strip().splitlines()) == 1
-    key = _a_number_field(_settings_cls(command))
-    code, _, err = run_cli([command, "--set", f"{key}=not-a-number"], capsys)
+    key, value = _a_typed_field(_settings_cls(command))
+    code, _, err = run_cli([command, "--set", f"{key}={value}"], capsys)
     assert code == 2 and f"bad value for {key}" in err and len(err.strip().splitlines()) == 1
     config = tmp_path / "bad.yaml"
     config.write_text("no_such_setting: 1\n")
