@@ -1,8 +1,13 @@
-"""`leangpt eval`: held-out loss, perplexity and bits per byte of a checkpoint on a dataset's val split."""
+"""`leangpt eval`: held-out loss, perplexity and bits per byte of a checkpoint on a dataset's val split; or, with
+tasks, lm-evaluation-harness tasks run in-process (leangpt.lm_eval_model), shakespeare-lambada among them."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,7 @@ from tqdm import tqdm
 from leangpt import cli
 from leangpt.cli import setting
 from leangpt.checkpoint import load_checkpoint
+from leangpt.data import lambada
 from leangpt.data.shards import Dataset, sequential_windows
 from leangpt.device import autocast, pick_device
 from leangpt.errors import UserError
@@ -24,21 +30,49 @@ from leangpt.model import GPT
 @dataclass
 class EvalSettings:
     model: Path | None = setting(None, "checkpoint directory", required=True)
-    data: Path | None = setting(None, "dataset directory made by `leangpt prepare`", required=True)
+    data: Path | None = setting(None, "dataset directory made by `leangpt prepare` (required unless --tasks; with "
+                                      "--tasks, the dataset shakespeare-lambada is built from)")
     split: str = setting("val", "which split to score", choices=["val", "train"])
     block_size: int | None = setting(None, "context length of each window (default: the model's)")
     batch_size: int = setting(8, "windows per forward pass")
     max_tokens: int | None = setting(None, "score only the first N tokens of the split")
     reference: Path | None = setting(None, "checkpoint to compare with: adds the mean KL(reference || model) of "
                                            "next-token distributions over the same windows, and top-1 agreement")
+    tasks: list[str] = setting([], "lm-evaluation-harness tasks to run instead (comma-separated or repeated; "
+                                   "needs `pip install 'leangpt[eval]'`): shakespeare-lambada (built from --data), "
+                                   "those of --include-path, or lm-eval's own", metavar="NAME[,NAME...]")
+    include_path: list[Path] = setting([], "directory of lm-eval task YAML files (repeatable)", metavar="DIR")
+    limit: int | None = setting(None, "tasks: score only the first N documents of each (a quick look; the "
+                                      "figures are then not the task's)")
+    num_fewshot: int | None = setting(None, "tasks: examples in each prompt (default: the task's own, else 0)")
+    bootstrap_iters: int = setting(1000, "tasks: bootstrap resamples for the stderr of metrics such as perplexity "
+                                         "(lm-eval's own default is 100000; 0 skips those stderrs)")
+    lambada_passages: int = setting(lambada.PASSAGES, "shakespeare-lambada: passages from the val split")
+    write_tasks: Path | None = setting(None, "write shakespeare-lambada's YAML and JSONL into this directory and "
+                                             "keep them (for `lm_eval --include_path DIR`)", metavar="DIR")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
     progress: bool = setting(True, "show a progress bar on stderr", cli=False)
+
+    def task_names(self) -> list[str]:
+        return [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UserError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if not self.task_names():
+            if self.data is None:
+                raise UserError("--data is required")
+            return
+        if self.reference is not None:
+            raise UserError("--reference compares bits-per-byte scores; it does not apply to --tasks")
+        if lambada.TASK in self.task_names() and self.data is None:
+            raise UserError(f"task {lambada.TASK} is built from a dataset's val split: give --data DIR")
+        for name, least in (("limit", 1), ("num_fewshot", 0), ("bootstrap_iters", 0), ("lambada_passages", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
 
 
 @torch.no_grad()
@@ -109,8 +143,10 @@ def _load_reference(s: EvalSettings, tokenizer_sha256: str, block_size: int, dev
 
 def evaluate(s: EvalSettings) -> dict[str, Any]:
     """Score s.model on a split of s.data: model, split, loss, perplexity, bits_per_byte, tokens, bytes; with a
-    reference also kl, top1_agreement and reference."""
+    reference also kl, top1_agreement and reference. With s.tasks, run lm-eval's tasks instead (evaluate_tasks)."""
     s.validate()
+    if s.task_names():
+        return evaluate_tasks(s)
     device = pick_device(s.device)
     dataset = Dataset(s.data)
     model, tokenizer, _ = load_checkpoint(s.model, device)
@@ -128,9 +164,80 @@ def evaluate(s: EvalSettings) -> dict[str, Any]:
     return result
 
 
+def _lm_eval_runner() -> Any:
+    """leangpt.lm_eval_model, which needs the optional lm-eval package."""
+    try:
+        from leangpt import lm_eval_model
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name.split(".")[0] == "lm_eval":
+            raise UserError("--tasks needs lm-evaluation-harness: pip install 'leangpt[eval]'") from None
+        raise
+    return lm_eval_model
+
+
+@contextlib.contextmanager
+def _task_dir(s: EvalSettings):
+    """Where shakespeare-lambada is written when asked for: s.write_tasks, else a directory removed afterwards."""
+    if s.write_tasks is not None:
+        yield s.write_tasks
+        return
+    with tempfile.TemporaryDirectory(prefix="leangpt-tasks-") as tmp:
+        yield Path(tmp)
+
+
+def evaluate_tasks(s: EvalSettings) -> dict[str, Any]:
+    """Run lm-eval's tasks s.tasks on s.model in-process: model, tasks ({name: {metric: value, metric_stderr:
+    stderr, ..., samples, num_fewshot}}), limit and lm_eval_version. shakespeare-lambada is built from s.data."""
+    s.validate()
+    runner = _lm_eval_runner()
+    names = s.task_names()
+    device = pick_device(s.device)
+    model, tokenizer, _ = load_checkpoint(s.model, device)
+    with _task_dir(s) as task_dir:
+        include = list(s.include_path)
+        if lambada.TASK in names:
+            if Dataset(s.data).manifest.get("tokenizer_sha256") != tokenizer.sha256():
+                raise UserError(f"{s.data} was tokenized with a different tokenizer than {s.model}")
+            lambada.write_lambada_task(s.data, task_dir, s.lambada_passages)
+            include.append(task_dir)
+        with contextlib.redirect_stdout(sys.stderr), _no_bootstrap_pool():  # stdout is for the result
+            result = runner.run_tasks(runner.LeanGPTLM(model, tokenizer, s.batch_size, s.progress), names, include,
+                                      limit=s.limit, num_fewshot=s.num_fewshot, bootstrap_iters=s.bootstrap_iters)
+    return {"model": str(s.model), **result}
+
+
+@contextlib.contextmanager
+def _no_bootstrap_pool():
+    """lm-eval bootstraps stderrs in a pool of processes unless DISABLE_MULTIPROC is set: forking a process that
+    holds a model costs more than the few thousand resamples asked for here."""
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
+
+
+def _print_tasks(result: dict[str, Any]) -> None:
+    for name, metrics in result["tasks"].items():
+        shown = [f"{k} {_fmt(v)}" + (f" ± {_fmt(metrics[k + '_stderr'])}" if metrics.get(k + "_stderr") is not None
+                                     else "")
+                 for k, v in metrics.items()
+                 if not k.endswith("_stderr") and k not in ("samples", "num_fewshot") and isinstance(v, (int, float))]
+        samples = f"  ({metrics['samples']} samples)" if metrics.get("samples") else ""
+        print(f"{name}: {'  '.join(shown)}{samples}")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+
+
 def build_parser() -> cli.ArgumentParser:
     return cli.build_parser(EvalSettings, "eval", "Held-out loss, perplexity and bits per byte of a checkpoint on a "
-                                                  "dataset's val split.")
+                                                  "dataset's val split; or lm-evaluation-harness tasks (--tasks).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(settings)
     if output.json:
         cli.print_json(result)
+    elif "tasks" in result:
+        _print_tasks(result)
     else:
         print(f"{result['split']} loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
               f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
