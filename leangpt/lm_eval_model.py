@@ -22,6 +22,7 @@ import lm_eval
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets.exceptions import DatasetsError
 from lm_eval.api.model import TemplateLM
 from lm_eval.evaluator import simple_evaluate
 from lm_eval.tasks import TaskManager
@@ -224,6 +225,11 @@ def run_tasks(lm: LeanGPTLM, names: list[str], include: list[Path], limit: int |
     """lm-eval's tasks `names` (found in lm-eval's own tasks or the include paths) scored with `lm`: tasks
     ({name: metrics, see _metrics}), limit, lm_eval_version."""
     manager = _task_manager(names, include)
-    results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              bootstrap_iters=bootstrap_iters, log_samples=False)
+    try:
+        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                  bootstrap_iters=bootstrap_iters, log_samples=False)
+    except (ConnectionError, DatasetsError, FileNotFoundError) as e:  # offline, a hub dataset not in the cache;
+        # a local data file that is not there
+        raise UserError(f"a task's dataset cannot be loaded: {str(e).splitlines()[0]} (lm-eval downloads a "
+                        f"hub dataset into the Hugging Face cache on a machine with internet)") from None
     return {"tasks": _metrics(results), "limit": limit, "lm_eval_version": lm_eval.__version__}

@@ -57,6 +57,21 @@ def test_eval_rejects_bad_settings(tiny_checkpoint, dataset_dir, capsys, args, m
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_eval_needs_data_unless_tasks(tiny_checkpoint, capsys):
+    code, _, err = run_cli(["eval", "--model", str(tiny_checkpoint)], capsys)
+    assert code == 2 and "--data is required" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_tasks_without_lm_eval_says_how_to_install_it(tiny_checkpoint, monkeypatch, capsys):
+    import leangpt
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` fails as when it is not installed
+    monkeypatch.delitem(sys.modules, "leangpt.lm_eval_model", raising=False)
+    monkeypatch.delattr(leangpt, "lm_eval_model", raising=False)
+    code, _, err = run_cli(["eval", "--model", str(tiny_checkpoint), "--tasks", "hellaswag"], capsys)
+    assert code == 2 and "pip install 'leangpt[eval]'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_generate_same_seed_same_text(tiny_checkpoint, capsys):
     args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "The king", "--max-new-tokens", "20", "--seed", "7"]
     runs = [run_cli(args + ["--json"], capsys) for _ in range(2)]
