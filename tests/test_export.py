@@ -26,24 +26,36 @@ from leangpt.sampling import SamplingConfig
 from tests.conftest import run_cli
 
 LLAMA_GQA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_head=4, n_kv_head=2, tie_embeddings=False)
+QWEN3 = dict(LLAMA_GQA, qk_norm=True, head_dim=32)  # QK-norm, and heads wider than n_embd / n_head
+NANOCHAT = dict(LLAMA_GQA, mlp="relu2", qk_norm=True, norm_weight=False, embed_norm=True, logit_softcap=0.5)
 TEXT = "Der König sprach: « café, naïve, Æsir » — 東京で寿司を食べた 🍣🎉👩‍👩‍👧 ünïcödé   spaces\n\ttabs  end"
 PROMPT = "The king speaks with the queen before the night"
+
+
+def trained(tmp_path_factory, dataset_dir, name: str, options: dict):
+    from leangpt.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / name
+    train(TrainConfig(preset="tiny", max_steps=40, batch_size=8, eval_every=0, lr=3e-3, model=options),
+          dataset_dir, out, progress=False)
+    return out
 
 
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory, dataset_dir):
     """A tiny trained llama-style model: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head."""
-    from leangpt.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("ckpt") / "llama"
-    train(TrainConfig(preset="tiny", max_steps=40, batch_size=8, eval_every=0, lr=3e-3, model=LLAMA_GQA),
-          dataset_dir, out, progress=False)
-    return out
+    return trained(tmp_path_factory, dataset_dir, "llama", LLAMA_GQA)
 
 
-@pytest.fixture(params=["gpt2", "llama"])
-def checkpoint(request, tiny_checkpoint, llama_checkpoint):
-    return tiny_checkpoint if request.param == "gpt2" else llama_checkpoint
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(tmp_path_factory, dataset_dir):
+    """The same with Qwen3's per-head QK-norm (trained, so its weights are not ones)."""
+    return trained(tmp_path_factory, dataset_dir, "qwen3", QWEN3)
+
+
+@pytest.fixture(params=["gpt2", "llama", "qwen3"])
+def checkpoint(request, tiny_checkpoint, llama_checkpoint, qwen3_checkpoint):
+    return {"gpt2": tiny_checkpoint, "llama": llama_checkpoint, "qwen3": qwen3_checkpoint}[request.param]
 
 
 def export_to(model, out, fmt="gguf", type="auto"):
@@ -210,6 +222,28 @@ def save_random(directory, tokenizer_dir, **config) -> None:
                                         **config))
     directory.mkdir()
     save_checkpoint(directory, model, tokenizer, {})
+
+
+@pytest.mark.parametrize("options, gguf", [
+    (dict(LLAMA_GQA, bias=True, tie_embeddings=True), True),  # biases on q/k are reordered with their rows
+    (dict(LLAMA_GQA, layer_n_head=[2, 2], layer_intermediate_size=[96, 96]), True),
+    (NANOCHAT, False)],  # no llama.cpp architecture; ONNX runs every option
+    ids=["llama-bias-tied", "llama-pruned-alike", "nanochat"])
+def test_model_options_in_the_runtimes(tiny_checkpoint, tmp_path, options, gguf):
+    ckpt = tmp_path / "ckpt"
+    save_random(ckpt, tiny_checkpoint, **options)
+    model, _, _ = load_checkpoint(ckpt)
+    ids = list(range(1, 40))
+    ours = leangpt_logits(model, ids)
+    if gguf:
+        export_to(ckpt, tmp_path / "m.gguf")
+        np.testing.assert_allclose(llama_cpp_logits(tmp_path / "m.gguf", [ids])[0], ours, atol=1e-4, rtol=0)
+    else:
+        with pytest.raises(UserError, match="--format onnx"):
+            export_to(ckpt, tmp_path / "m.gguf")
+    export_to(ckpt, tmp_path / "onnx", fmt="onnx")
+    np.testing.assert_allclose(OnnxModel(tmp_path / "onnx").forward([ids], 0, all_logits=True)[0], ours,
+                               atol=1e-4, rtol=0)
 
 
 def test_per_layer_widths_refused_by_gguf_but_run_in_onnx(tiny_checkpoint, tmp_path, capsys):

@@ -3,7 +3,8 @@
 The file is what llama.cpp's converter (convert_hf_to_gguf.py) makes of the Hugging Face checkpoint:
 the Hugging Face tensors (leangpt.hf) named by gguf's own table, GPT-2's Conv1D weights back in (out, in)
 order, and for `llama` the query and key rows of each head reordered, since llama.cpp's llama rotates
-adjacent pairs where Hugging Face rotates halves. Norms, biases and learned positions stay in F32.
+adjacent pairs where Hugging Face rotates halves (its qwen3 rotates halves too). Norms (Qwen3's per-head
+QK-norms included), biases and learned positions stay in F32.
 
 A quantized leangpt checkpoint keeps its integers where a GGUF type holds them as they are: int8 (one
 scale per row) is Q8_0 with that scale in every 32-block, int4 (scale and zero point per group of 32k
@@ -35,7 +36,7 @@ FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTL
               Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
 EXACT = {8: Q.Q8_0, 4: Q.Q4_1}  # the GGUF type that holds a leangpt scheme's integers unchanged
 BLOCK = 32  # values per block of Q8_0 / Q4_0 / Q4_1
-ARCHS = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA}
+ARCHS = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3}
 ROPE_PAIRS_ADJACENT = {"llama"}  # llama.cpp's rope type "norm"; the others rotate halves like Hugging Face
 
 
@@ -45,7 +46,8 @@ def architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture of a checkpoint, or a UserError naming what would export."""
     model_type = hf.hf_model_type(config)
     if model_type not in ARCHS:
-        raise UserError(f"llama.cpp export supports {', '.join(ARCHS)} models, not {model_type!r}")
+        raise UserError(f"llama.cpp export supports {', '.join(ARCHS)} models, not {model_type!r}; "
+                        f"use --format onnx")
     uneven = [name for name in ("layer_n_head", "layer_intermediate_size")
               if len(set(getattr(config, name) or [0])) > 1]
     if uneven:
@@ -126,8 +128,8 @@ def _rows(w: Weight) -> int:
 def hf_rows(config: ModelConfig, weights: dict[str, Weight]) -> dict[str, tuple[str, torch.Tensor]]:
     """Each Hugging Face tensor as (leangpt name, the rows of it that it holds): hf.to_hf_state_dict run on
     row numbers, so its renaming and its split of the fused QKV apply to any kind of weight, quantized ones
-    included. (GPT-2's Conv1D transposition is a no-op on a vector of row numbers, and llama.cpp's converter
-    undoes it anyway.)"""
+    included. For the types in ARCHS it only renames, splits and transposes (GPT-2's Conv1D transposition is a
+    no-op on a vector of row numbers, and llama.cpp's converter undoes it anyway)."""
     names = list(weights)
     starts = np.cumsum([0] + [_rows(weights[n]) for n in names])
     numbered = {n: torch.arange(int(starts[i]), int(starts[i + 1])) for i, n in enumerate(names)}

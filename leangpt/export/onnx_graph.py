@@ -9,7 +9,8 @@ Hugging Face's ONNX exports use:
     present.{i}.key / .value           float (batch, kv_heads, past_sequence + sequence, head_dim)
 
 Positions are past_sequence + 0..sequence-1 for every row (rows of equal length, no padding mask).
-Per-layer widths (pruned heads and neurons) are allowed: each layer takes its own shapes.
+Every model leangpt builds has a graph, per-layer widths (pruned heads and neurons) and nanochat's options
+included: each layer takes its own shapes.
 """
 
 from __future__ import annotations
@@ -77,17 +78,20 @@ class Decoder:
         return y
 
     def norm(self, x: str, name: str) -> str:
+        """leangpt.model.make_norm's norm over the last axis; parameter-free where norm_weight is off."""
         c, g = self.config, self.g
-        if c.norm == "layernorm":
-            args = [x, self.weight(f"{name}.weight")] + ([self.weight(f"{name}.bias")] if c.bias else [])
-            return g.op("LayerNormalization", *args, axis=-1, epsilon=c.norm_eps)
-        return self.rms_norm(x, self.weight(f"{name}.weight"))
+        if c.norm == "rmsnorm":
+            return self.rms_norm(x, name)
+        scale = self.weight(f"{name}.weight") if c.norm_weight else g.const(f"ones_{c.n_embd}", np.ones(c.n_embd, np.float32))
+        bias = [self.weight(f"{name}.bias")] if c.bias and c.norm_weight else []
+        return g.op("LayerNormalization", x, scale, *bias, axis=-1, epsilon=c.norm_eps)
 
-    def rms_norm(self, x: str, weight: str) -> str:
+    def rms_norm(self, x: str, name: str) -> str:
         g = self.g
         mean_sq = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
         rms = g.op("Sqrt", g.op("Add", mean_sq, g.scalar("norm_eps", self.config.norm_eps)))
-        return g.op("Mul", g.op("Div", x, rms), weight)
+        y = g.op("Div", x, rms)
+        return g.op("Mul", y, self.weight(f"{name}.weight")) if self.config.norm_weight else y
 
     def heads(self, x: str, n: int) -> str:
         """(B, T, n·D) -> (B, n, T, D)."""
@@ -116,6 +120,8 @@ class Decoder:
         split = g.ints(f"blocks.{i}.attn.qkv.split", heads * d, kv_heads * d, kv_heads * d)
         q, k, v = g.op("Split", self.linear(x, f"blocks.{i}.attn.qkv"), split, axis=-1, outputs=3)
         q, k, v = self.heads(q, heads), self.heads(k, kv_heads), self.heads(v, kv_heads)
+        if c.qk_norm:  # one RMSNorm over head_dim for every query head, one for every key head (Qwen3)
+            q, k = self.rms_norm(q, f"blocks.{i}.attn.q_norm"), self.rms_norm(k, f"blocks.{i}.attn.k_norm")
         if c.pos == "rope":
             q, k = self.rope(q), self.rope(k)
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
@@ -132,6 +138,9 @@ class Decoder:
         if self.config.mlp == "swiglu":
             gate = self.linear(x, f"{name}.gate")
             h = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), self.linear(x, f"{name}.fc"))
+        elif self.config.mlp == "relu2":
+            u = g.op("Relu", self.linear(x, f"{name}.fc"))
+            h = g.op("Mul", u, u)
         else:  # tanh-approximated GELU (GPT-2's gelu_new)
             u = self.linear(x, f"{name}.fc")
             cubic = g.op("Mul", g.op("Mul", g.op("Mul", u, u), u), g.scalar("gelu_c", 0.044715))
@@ -160,13 +169,20 @@ class Decoder:
         x = g.op("Gather", self.weight("tok_emb.weight"), "input_ids")  # (B, T, C)
         if c.pos == "learned":
             x = g.op("Add", x, g.op("Gather", self.weight("pos_emb.weight"), self.pos))
+        if c.embed_norm:
+            x = self.norm(x, "norm_emb")
         for i in range(c.n_layer):
             x = g.op("Add", x, self.attention(self.norm(x, f"blocks.{i}.norm1"), i))
             x = g.op("Add", x, self.mlp(self.norm(x, f"blocks.{i}.norm2"), i))
         x = self.norm(x, "norm_f")
         tied = self.src.weights["lm_head.weight"] is self.src.weights["tok_emb.weight"]
         head = g.op("Transpose", "tok_emb.weight", perm=[1, 0]) if tied else self.weight("lm_head.weight", transpose=True)
-        g.nodes.append(helper.make_node("MatMul", [x, head], ["logits"], name="lm_head_node"))
+        if c.logit_softcap is None:
+            g.op("MatMul", x, head, name="logits")
+        else:  # cap · tanh(logits / cap)
+            cap = g.scalar("logit_softcap", c.logit_softcap)
+            capped = g.op("Tanh", g.op("Div", g.op("MatMul", x, head), cap))
+            g.op("Mul", capped, cap, name="logits")
         return self.model()
 
     def model(self) -> onnx.ModelProto:
