@@ -1,7 +1,8 @@
 """The GPT, readable top to bottom.
 
 GPT-2 by default (learned positions, LayerNorm, tanh-GELU MLP, tied embeddings); llama-style
-options (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head) are small branches.
+options (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head), Qwen3's QK-norm and nanochat's
+(ReLU² MLP, parameter-free norms, a norm after the embedding, logit softcap) are small branches.
 Inference uses a fixed-size KV cache allocated once by `setup_cache` (gpt-fast's shape):
 `forward(idx, input_pos)` then writes keys/values at `input_pos` and attends to the cache.
 """
@@ -18,22 +19,22 @@ from leangpt.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, weight: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like the reference implementation, then cast back.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return xf.to(x.dtype) if self.weight is None else self.weight * xf.to(x.dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(config.n_embd, config.norm_eps, config.norm_weight)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, elementwise_affine=config.norm_weight, bias=config.bias)
 
 
 def rope_cache(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +97,9 @@ class Attention(nn.Module):
         qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        # QK-norm: one RMSNorm over head_dim, shared by every query head (and one by every key head).
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weight) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weight) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
@@ -108,6 +112,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if input_pos is not None:
@@ -134,17 +140,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.kind = config.mlp
         width = config.layer_mlp_width(layer)
-        if self.swiglu:
+        if self.kind == "swiglu":
             self.gate = nn.Linear(config.n_embd, width, bias=config.bias)
         self.fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.kind == "swiglu":
             h = F.silu(self.gate(x)) * self.fc(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.fc(x)).square()
         else:
             h = F.gelu(self.fc(x), approximate="tanh")  # GPT-2's "gelu_new"
         return self.drop(self.proj(h))
@@ -169,6 +177,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        self.norm_emb = make_norm(config) if config.embed_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
@@ -181,10 +190,14 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.cache_len = 0
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer); or zero (modded-nanogpt), so that every
+        # block starts as the identity.
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -201,6 +214,13 @@ class GPT(nn.Module):
                 n -= self.pos_emb.weight.numel()
         return n
 
+    def _float_tensor(self) -> torch.Tensor:
+        """A tensor of the model's float dtype and device, even when the embedding is quantized: the final
+        norm's weight, or with parameter-free norms the RoPE table or learned positions."""
+        if self.norm_f.weight is not None:
+            return self.norm_f.weight
+        return self.rope_cos if self.pos_emb is None else self.pos_emb.weight
+
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate the KV cache once for (batch, max_len); a cache of that shape already there is kept.
 
@@ -209,7 +229,7 @@ class GPT(nn.Module):
         """
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
-        param = self.norm_f.weight  # always a float parameter, even when the embedding is quantized
+        param = self._float_tensor()
         dtype = dtype or param.dtype
         cache = self.blocks[0].attn.kv_cache
         if cache is not None and cache.k.shape[0] == batch and self.cache_len == max_len \
@@ -219,6 +239,22 @@ class GPT(nn.Module):
             a = block.attn
             a.kv_cache = KVCache(batch, max_len, a.n_kv_head, a.head_dim, dtype, param.device)
         self.cache_len = max_len
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The first block's input (B, T, C) for tokens idx (B, T) at positions pos (T,) or (B, T)."""
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        if self.norm_emb is not None:
+            x = self.norm_emb(x)
+        return self.drop(x)
+
+    def rope_at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's (cos, sin) at positions pos: (T, D), or (B, 1, T, D) for per-row positions (B, T)."""
+        if self.config.pos != "rope":
+            return None
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        return (cos.unsqueeze(1), sin.unsqueeze(1)) if pos.dim() == 2 else (cos, sin)
 
     def forward_hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                        kv_len: int | None = None) -> torch.Tensor:
@@ -234,15 +270,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
-        x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
-        x = self.drop(x)
-        rope = None
-        if self.config.pos == "rope":
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D), or (B, T, D) per row
-            if pos.dim() == 2:
-                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, D)
+        x, rope = self.embed(idx, pos), self.rope_at(pos)
         mask = None
         if input_pos is not None:
             # Query at position p sees cache slots 0..p.
@@ -258,4 +286,6 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 kv_len: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab)."""
-        return self.lm_head(self.forward_hidden(idx, input_pos, kv_len))
+        logits = self.lm_head(self.forward_hidden(idx, input_pos, kv_len))
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
