@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,9 +100,11 @@ def to_request(tokenizer: TextTokenizer, req: TextRequest, eos: bool) -> Request
 
 
 class TokenSteps(Protocol):
-    """What the text layer reads: an engine Generation, or a speculative one as a SpeculativeRow."""
+    """What the text layer reads: an engine Generation, or a speculative one as a SpeculativeRow. Steps that rows
+    join mid-way (the server's running batch) also have `ended() -> list[(row, Completion)]`: the rows that ended
+    since it was last called, read after each step."""
 
-    completions: list[Completion]  # filled once iteration ends
+    completions: list[Completion]  # filled once iteration ends (unless the steps report rows by ended())
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]: ...  # each step's (row, token) of the running rows
 
@@ -137,36 +139,62 @@ def _record(req: TextRequest, stream: TextStream, completion: Completion, logpro
 class TextGeneration:
     """The decode-to-text loop. Iterate for (row, piece) as each row's text becomes safe to show: pieces never
     split a UTF-8 character nor show a stop string or text that may begin one, and a row's pieces join to its
-    final text. A row ends at a stop string, or within one step once `cancelled(row)` is True. When iteration
-    ends, `results` holds one record per row: prompt, text, tokens, finish_reason (with `logprobs`, also
-    token_ids and their logprobs)."""
+    final text. A row ends at a stop string, or within one step once `cancelled(row)` is True. Each row's record
+    (prompt, text, tokens, finish_reason; with `logprobs`, also token_ids and their logprobs) goes to
+    on_done(row, record) as the row ends; for steps of a fixed batch it is also kept in `results`, in row order,
+    once iteration ends. `requests[row]` is read when a row first shows up, so rows may join while it runs
+    (a dict that the caller fills before adding the row to the steps)."""
 
-    def __init__(self, steps: TokenSteps, tokenizer: TextTokenizer, requests: list[TextRequest],
-                 logprobs: bool = False, cancelled: Callable[[int], bool] | None = None) -> None:
-        self.steps, self.requests, self.logprobs, self.cancelled = steps, requests, logprobs, cancelled
-        self.streams = [TextStream(tokenizer, r.stop) for r in requests]
+    def __init__(self, steps: TokenSteps, tokenizer: TextTokenizer,
+                 requests: Sequence[TextRequest] | Mapping[int, TextRequest], logprobs: bool = False,
+                 cancelled: Callable[[int], bool] | None = None,
+                 on_done: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+        self.steps, self.tokenizer, self.requests, self.logprobs = steps, tokenizer, requests, logprobs
+        self.cancelled, self.on_done = cancelled, on_done
+        self.streams: dict[int, TextStream] = {}
         self.results: list[dict[str, Any]] = []
 
+    def _stream(self, row: int) -> TextStream:
+        if row not in self.streams:
+            self.streams[row] = TextStream(self.tokenizer, self.requests[row].stop)
+        return self.streams[row]
+
     def __iter__(self) -> Iterator[tuple[int, str]]:
+        ended = getattr(self.steps, "ended", None)  # rows that join mid-way end mid-way
         for step in self.steps:
             for row, tok in step:
-                stream = self.streams[row]
+                stream = self._stream(row)
                 if piece := stream.add(tok):
                     yield row, piece
                 if stream.stopped or (self.cancelled is not None and self.cancelled(row)):
                     self.steps.stop(row)
-        for row, stream in enumerate(self.streams):
-            if piece := stream.finish():
-                yield row, piece
-        self.results = [_record(r, s, c, self.logprobs)
-                        for r, s, c in zip(self.requests, self.streams, self.steps.completions)]
+            if ended is not None:
+                for row, completion in ended():
+                    yield from self._end(row, completion)
+        last = ended() if ended is not None else enumerate(self.steps.completions)
+        for row, completion in last:
+            yield from self._end(row, completion)
+
+    def _end(self, row: int, completion: Completion) -> Iterator[tuple[int, str]]:
+        stream = self._stream(row)
+        del self.streams[row]
+        if piece := stream.finish():
+            yield row, piece
+        record = _record(self.requests[row], stream, completion, self.logprobs)
+        if not hasattr(self.steps, "ended"):
+            self.results.append(record)
+        if self.on_done is not None:
+            self.on_done(row, record)
 
 
-def decode_texts(steps: TokenSteps, tokenizer: TextTokenizer, requests: list[TextRequest], *, logprobs: bool = False,
+def decode_texts(steps: TokenSteps, tokenizer: TextTokenizer,
+                 requests: Sequence[TextRequest] | Mapping[int, TextRequest], *, logprobs: bool = False,
                  on_text: Callable[[int, str], None] | None = None,
-                 cancelled: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
-    """Run TextGeneration to the end: on_text(row, piece) for each piece as it comes; one record per row."""
-    text = TextGeneration(steps, tokenizer, requests, logprobs, cancelled)
+                 cancelled: Callable[[int], bool] | None = None,
+                 on_done: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run TextGeneration to the end: on_text(row, piece) for each piece as it comes, on_done(row, record) as
+    each row ends; returns one record per row of a fixed batch (none for steps that rows join mid-way)."""
+    text = TextGeneration(steps, tokenizer, requests, logprobs, cancelled, on_done)
     for row, piece in text:
         if on_text is not None:
             on_text(row, piece)
@@ -223,8 +251,8 @@ class GenerateSettings:
     batch_size: int = setting(8, "prompts of a --prompts file decoded together")
     draft: Path | None = setting(None, "draft checkpoint for speculative decoding (same tokenizer)")
     draft_tokens: int = setting(4, "draft tokens proposed per speculative round")
-    compile: bool = setting(False, "torch.compile the decode step (pays off only for long runs; falls back to "
-                                   "eager on failure)")
+    compile: bool = setting(True, "torch.compile the decode step (compiled once per machine, then cached; falls back "
+                                  "to eager on failure); --no-compile runs eager")
     device: str = setting("auto", "auto, cpu, cuda, ...")
 
     def sampling(self) -> SamplingConfig:

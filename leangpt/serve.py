@@ -1,19 +1,23 @@
 """`leangpt serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the generation engine.
 
-The model runs on one worker thread, never on the event loop. Requests go into a queue; whenever the engine is
-free, the worker takes everything waiting (up to --max-batch rows) and decodes it as one Engine generation, rows of
-different lengths with their own settings, seeds and stops, turned into text by generate's text layer
-(decode_texts), the same loop as `leangpt generate`. Streaming rows get their text as the batch produces it.
-A running batch is never joined: what arrives meanwhile waits for the next one (no continuous batching).
+The model runs on one worker thread (leangpt.scheduler), never on the event loop, with continuous batching
+(leangpt.batching): a request joins the running batch at the next step once a row is free, its prompt prefilled in
+chunks, and a row that ends leaves at once. Rows of different lengths keep their own settings, seeds and stops,
+and become text through generate's text layer (decode_texts), the same loop as `leangpt generate`. A bounded queue
+answers 429 when full; a request past --request-timeout gets 408; a client that hangs up frees its row at the next
+step. This module is the HTTP layer: request bodies, responses in OpenAI's shape, the API key, /metrics and the
+chat page at /.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
+import ipaddress
 import json
 import logging
-import queue
+import os
 import signal
 import threading
 import time
@@ -21,13 +25,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException
 
@@ -35,10 +40,13 @@ from leangpt import cli
 from leangpt.cli import setting
 from leangpt.data.fastbpe import byte_decoder
 from leangpt.data.tokenizer import TextTokenizer
-from leangpt.engine import Engine, Request, check_request
+from leangpt.engine import Engine
 from leangpt.errors import UserError
-from leangpt.generate import TextRequest, decode_texts, to_request
+from leangpt.generate import TextRequest
 from leangpt.sampling import SamplingConfig
+from leangpt.scheduler import Batcher, Job, Overloaded
+from leangpt.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from leangpt.serve_metrics import ServeMetrics
 
 log = logging.getLogger("leangpt.serve")
 
@@ -143,112 +151,6 @@ def render_chat(messages: list[Message]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-# ---------------------------------------------------------------- the batching worker
-
-@dataclass
-class Job:
-    """One prompt (one choice) of a request; the worker reports on the request's event queue, tagged with index."""
-    text: TextRequest
-    index: int
-    stream: bool
-    logprobs: bool
-    events: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    request: Request | None = None  # the token ids, set by Batcher.job
-    cancelled: bool = False  # the client went away: the worker drops the row
-
-    def emit(self, kind: str, value: Any) -> None:
-        """("text", piece), ("done", result dict) or ("error", message); called from the worker thread."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
-
-
-@dataclass
-class BatchStats:
-    batches: int = 0
-    rows: int = 0
-    last_batch_rows: int = 0
-    tokens: int = 0
-
-
-class Batcher:
-    """The worker thread: takes what is waiting (up to max_batch rows), runs it as one Generation, repeats."""
-
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, max_batch: int) -> None:
-        self.engine, self.tokenizer, self.max_batch = engine, tokenizer, max_batch
-        self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.busy = threading.Lock()  # held while a batch runs
-        self.submitted = 0  # jobs ever submitted (event-loop thread only)
-        self.stats = BatchStats()
-        self._thread: threading.Thread | None = None
-
-    def job(self, text: TextRequest, index: int, stream: bool, logprobs: bool, events: asyncio.Queue) -> Job:
-        """A checked job (UserError for an empty prompt, a prompt + max_tokens beyond the context, ...)."""
-        job = Job(text, index, stream, logprobs, events, asyncio.get_running_loop())
-        job.request = to_request(self.tokenizer, text, eos=True)
-        check_request(job.request, self.engine.block_size)
-        return job
-
-    def submit(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            self.submitted += 1
-            self.queue.put(job)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="leangpt-serve-worker", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.queue.put(None)
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        closing = False
-        while not closing:
-            first = self.queue.get()
-            if first is None:
-                return
-            with self.busy:
-                jobs = [first]
-                while len(jobs) < self.max_batch:
-                    try:
-                        nxt = self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        closing = True
-                        break
-                    jobs.append(nxt)
-                jobs = [j for j in jobs if not j.cancelled]
-                if jobs:
-                    self._run_guarded(jobs)
-
-    def _run_guarded(self, jobs: list[Job]) -> None:
-        try:
-            self._run(jobs)
-        except Exception as e:  # a bug: fail these requests, keep serving
-            log.exception("batch of %d rows failed", len(jobs))
-            for job in jobs:
-                job.emit("error", f"generation failed ({type(e).__name__})")
-
-    def _run(self, jobs: list[Job]) -> None:
-        t0 = time.perf_counter()
-
-        def send(row: int, piece: str) -> None:
-            if jobs[row].stream:
-                jobs[row].emit("text", piece)
-
-        results = decode_texts(self.engine.start([j.request for j in jobs]), self.tokenizer, [j.text for j in jobs],
-                               logprobs=any(j.logprobs for j in jobs), on_text=send,
-                               cancelled=lambda row: jobs[row].cancelled)
-        tokens = sum(r["tokens"] for r in results)
-        s = self.stats  # counted before the replies go out, so a client that got its reply sees its batch
-        s.batches, s.rows, s.last_batch_rows, s.tokens = s.batches + 1, s.rows + len(jobs), len(jobs), s.tokens + tokens
-        log.info("batch %d: %d rows, %d tokens in %.2f s", s.batches, len(jobs), tokens, time.perf_counter() - t0)
-        for job, result in zip(jobs, results):
-            job.emit("done", result)
-
-
 # ---------------------------------------------------------------- responses
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -303,11 +205,20 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+class RequestTimeout(Exception):
+    """A request ran past --request-timeout (HTTP 408; in a stream, an error event)."""
+
+
+class ClientGone(Exception):
+    """The client of a request that is not streamed hung up before its reply."""
+
+
 @dataclass
 class Server:
-    """What the endpoints share: the served model's name, its tokenizer and the batching worker."""
+    """What the endpoints share: the served model's name, the batching worker and the per-request timeout."""
     name: str
     batcher: Batcher
+    timeout: float | None = None  # seconds a request may take, queue included
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check(self, body: _Body) -> None:
@@ -328,29 +239,39 @@ class Server:
                                          logprobs, events))
         return jobs, events
 
-    async def results(self, jobs: list[Job], events: asyncio.Queue) -> list[dict[str, Any]]:
-        """Queue the jobs and wait for all their results (in job order)."""
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue the jobs, or refuse them all with Overloaded (429) while the queue is full."""
         self.batcher.submit(jobs)
+
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    async def results(self, jobs: list[Job], events: asyncio.Queue, http: HTTPRequest) -> list[dict[str, Any]]:
+        """Wait for all the queued jobs' results (in job order); RequestTimeout past the timeout, ClientGone when
+        the client hangs up. However it ends, the jobs then leave the batch."""
         results: list[dict[str, Any] | None] = [None] * len(jobs)
+        deadline = self.deadline()
+        gone = asyncio.ensure_future(_hung_up(http))
         try:
             while any(r is None for r in results):
-                index, kind, value = await events.get()
+                index, kind, value = await _next_event(events, deadline, gone)
                 if kind == "error":
                     raise RuntimeError(value)
                 if kind == "done":
                     results[index] = value
         finally:
+            gone.cancel()
             for job in jobs:
                 job.cancelled = True  # no-op for finished rows; drops the rest if this request is abandoned
         return results  # type: ignore[return-value]
 
     async def stream(self, jobs: list[Job], events: asyncio.Queue) -> AsyncIterator[tuple[int, str, Any]]:
-        """Queue the jobs and yield (index, "text" | "done", value) as the worker reports them."""
-        self.batcher.submit(jobs)
+        """Yield (index, "text" | "done", value) of the queued jobs as the worker reports them."""
+        deadline = self.deadline()
         left = len(jobs)
         try:
             while left:
-                index, kind, value = await events.get()
+                index, kind, value = await _next_event(events, deadline)
                 if kind == "error":
                     raise RuntimeError(value)
                 left -= kind == "done"
@@ -360,9 +281,88 @@ class Server:
                 job.cancelled = True
 
 
-def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: int = 8) -> FastAPI:
-    """The FastAPI app serving one model; its worker thread runs while the app runs (lifespan)."""
-    server = Server(name, Batcher(engine, tokenizer, max_batch))
+async def _hung_up(http: HTTPRequest) -> None:
+    """Return once the client disconnects: its body has been read, so the next message it sends is that."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_event(events: asyncio.Queue, deadline: float | None,
+                      gone: asyncio.Future | None = None) -> tuple[int, str, Any]:
+    """The next (index, kind, value) from the worker; RequestTimeout past the deadline, ClientGone if `gone`
+    finishes first."""
+    get = asyncio.ensure_future(events.get())
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    done, _ = await asyncio.wait({get} if gone is None else {get, gone}, timeout=timeout,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        return get.result()
+    get.cancel()
+    if gone is not None and gone in done:
+        raise ClientGone()
+    raise RequestTimeout("the request ran past the server's time limit per request (--request-timeout)")
+
+
+class _JobStream(StreamingResponse):
+    """A streamed reply whose jobs leave the batch however the response ends, even before its first chunk."""
+
+    def __init__(self, content: AsyncIterator[str], jobs: list[Job]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.jobs = jobs
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for job in self.jobs:
+                job.cancelled = True
+
+
+class _Gate:
+    """ASGI middleware: the API key on /v1/ and /metrics (401 without it), and every answer counted by
+    endpoint and status."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics, api_key: str | None) -> None:
+        self.app, self.metrics = app, metrics
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        path = scope["path"]
+        if self.expected is None or not (path.startswith("/v1/") or path == "/metrics"):
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(scope["path"], message["status"])
+            await send(message)
+
+        if not self._authorized(scope):
+            refused = _error(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+            return await refused(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+
+@functools.cache
+def chat_page() -> str:
+    """The chat web page served at / (one file, no build step)."""
+    return (resources.files("leangpt") / "static" / "chat.html").read_text(encoding="utf-8")
+
+
+def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: int = 8, *, max_queue: int = 256,
+               prefill_chunk: int = 256, request_timeout: float | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving one model; its worker thread runs while the app runs (lifespan). Requests wait
+    for one of max_batch rows, at most max_queue of them (429 beyond); request_timeout (seconds) bounds each
+    request; with api_key, /v1/ and /metrics need `Authorization: Bearer api_key`."""
+    metrics = ServeMetrics()
+    server = Server(name, Batcher(engine, tokenizer, max_batch, max_queue, prefill_chunk, metrics), request_timeout)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -372,6 +372,15 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
 
     app = FastAPI(title="leangpt", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
+    _add_error_handlers(app, metrics)
+    _add_info_routes(app, server, metrics)
+    _add_generation_routes(app, server, engine, tokenizer)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
+    """Every error in OpenAI's shape: 400 bad request, 404 unknown model or route, 408 timeout, 429 busy."""
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
@@ -379,7 +388,23 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
 
     @app.exception_handler(UserError)
     async def user_error(_: HTTPRequest, exc: UserError) -> JSONResponse:
-        return _error(400, str(exc), code="model_not_found" if isinstance(exc, UnknownModel) else None)
+        if isinstance(exc, UnknownModel):
+            return _error(404, str(exc), code="model_not_found")
+        return _error(400, str(exc))
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: HTTPRequest, exc: Overloaded) -> JSONResponse:
+        response = _error(429, str(exc), "rate_limit_error", "rate_limit_exceeded")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.exception_handler(RequestTimeout)
+    async def timed_out(_: HTTPRequest, exc: RequestTimeout) -> JSONResponse:
+        return _error(408, str(exc), "timeout_error", "timeout")
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: HTTPRequest, exc: ClientGone) -> JSONResponse:
+        return _error(499, "the client closed the request", code="client_closed_request")  # nobody reads it
 
     @app.exception_handler(HTTPException)
     async def http_error(_: HTTPRequest, exc: HTTPException) -> JSONResponse:
@@ -387,15 +412,30 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
                       "invalid_request_error")
 
     @app.exception_handler(Exception)
-    async def server_error(_: HTTPRequest, exc: Exception) -> JSONResponse:
+    async def server_error(http: HTTPRequest, exc: Exception) -> JSONResponse:
         log.error("request failed: %s: %s", type(exc).__name__, exc)
+        metrics.count_request(http.url.path, 500)  # answered outside the counting middleware
         return _error(500, f"internal error: {exc}", "server_error")
+
+
+def _add_info_routes(app: FastAPI, server: Server, metrics: ServeMetrics) -> None:
+    """The chat page, /health, /metrics and /v1/models."""
+    name, batcher = server.name, server.batcher
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return chat_page()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        s = server.batcher.stats
-        return {"status": "ok", "model": name, "max_batch": max_batch, "batches": s.batches, "rows": s.rows,
-                "last_batch_rows": s.last_batch_rows, "completion_tokens": s.tokens}
+        s = batcher.stats
+        return {"status": "ok", "model": name, "max_batch": batcher.max_batch, "batches": s.batches,
+                "rows": s.rows, "last_batch_rows": s.last_batch_rows, "completion_tokens": s.tokens,
+                "steps": s.steps, "running_rows": batcher.batch.rows, "queued": batcher.queue.qsize()}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     def model_card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": server.created, "owned_by": "leangpt"}
@@ -407,29 +447,34 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Any:
         if model_id != name:
-            return _error(404, f"model {model_id!r} is not served here", "not_found_error", "model_not_found")
+            return _error(404, f"model {model_id!r} is not served here", code="model_not_found")
         return model_card()
 
+
+def _add_generation_routes(app: FastAPI, server: Server, engine: Engine, tokenizer: TextTokenizer) -> None:
+    """/v1/completions and /v1/chat/completions."""
+    name = server.name
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, http: HTTPRequest) -> Any:
         server.check(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         jobs, events = server.jobs(body, prompts, body.max_tokens, body.stops(), body.logprobs is not None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         prompt_tokens = sum(len(j.request.prompt) for j in jobs)
+        server.submit(jobs)
         if body.stream:
-            return StreamingResponse(_event_stream(server, jobs, events, head, prompt_tokens,
-                                                   bool(body.stream_options.get("include_usage")), _completion_choice),
-                                     media_type="text/event-stream")
-        results = await server.results(jobs, events)
+            return _JobStream(_event_stream(server, jobs, events, head, prompt_tokens,
+                                            bool(body.stream_options.get("include_usage")), _completion_choice), jobs)
+        results = await server.results(jobs, events, http)
         choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
                     "logprobs": _completion_logprobs(tokenizer, r) if body.logprobs is not None else None}
                    for i, r in enumerate(results)]
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, sum(r["tokens"] for r in results))}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody) -> Any:
+    async def chat(body: ChatBody, http: HTTPRequest) -> Any:
         server.check(body)
         prompt = render_chat(body.messages)
         prompt_tokens = len(tokenizer.encode(prompt))
@@ -439,19 +484,17 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: i
         jobs, events = server.jobs(body, [prompt], max_tokens, body.stops() + (CHAT_STOP,), body.logprobs)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": name}
+        server.submit(jobs)
         if body.stream:
             role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            return StreamingResponse(_event_stream(server, jobs, events, {**head, "object": "chat.completion.chunk"},
-                                                   prompt_tokens, bool(body.stream_options.get("include_usage")),
-                                                   _chat_choice, role),
-                                     media_type="text/event-stream")
-        [r] = await server.results(jobs, events)
+            return _JobStream(_event_stream(server, jobs, events, {**head, "object": "chat.completion.chunk"},
+                                            prompt_tokens, bool(body.stream_options.get("include_usage")),
+                                            _chat_choice, role), jobs)
+        [r] = await server.results(jobs, events, http)
         choice = {"index": 0, "message": {"role": "assistant", "content": r["text"]},
                   "logprobs": _chat_logprobs(tokenizer, r) if body.logprobs else None,
                   "finish_reason": r["finish_reason"]}
         return {**head, "choices": [choice], "usage": _usage(prompt_tokens, r["tokens"])}
-
-    return app
 
 
 def _completion_choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
@@ -482,6 +525,8 @@ async def _event_stream(server: Server, jobs: list[Job], events: asyncio.Queue, 
                 yield _sse({**head, "choices": [choice(index, None, value["finish_reason"])]})
     except RuntimeError as e:  # the batch failed after the response began: say so in the stream
         yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    except RequestTimeout as e:
+        yield _sse({"error": {"message": str(e), "type": "timeout_error", "param": None, "code": "timeout"}})
     if include_usage:
         yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
     yield "data: [DONE]\n\n"
@@ -489,26 +534,52 @@ async def _event_stream(server: Server, jobs: list[Job], events: asyncio.Queue, 
 
 # ---------------------------------------------------------------- the command
 
+API_KEY_ENV = "LEANGPT_API_KEY"
+
+
 @dataclass
 class ServeSettings:
     model: Path | None = setting(None, "checkpoint directory (plain, quantized or pruned)", required=True)
-    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface: set --api-key then)")
     port: int = setting(8000, "TCP port to listen on (0 picks a free one)")
     model_name: str | None = setting(None, "the model id clients send and /v1/models lists (default: the "
                                            "checkpoint directory's name)")
-    max_batch: int = setting(8, "most prompts decoded together; requests that wait while a batch runs form the "
-                                "next one")
-    compile: bool = setting(False, "torch.compile the decode step (each new batch shape compiles once; falls back "
-                                   "to eager)")
+    max_batch: int = setting(16, "most prompts decoded together (rows of the running batch); a request joins at "
+                                 "the next step once a row is free")
+    max_queue: int = setting(256, "most prompts waiting for a row; a request beyond it gets 429 with Retry-After")
+    prefill_chunk: int = setting(256, "prompt tokens prefilled per step over all joining rows: a long prompt holds "
+                                      "the decoding rows up by one chunk a step")
+    request_timeout: float = setting(600.0, "seconds a request may take, waiting included; past it the request "
+                                            "gets 408 (a stream, an error event) and its rows stop; 0: no limit")
+    api_key: str | None = setting(None, f"require 'Authorization: Bearer KEY' on /v1/ and /metrics (401 "
+                                        f"without); default ${API_KEY_ENV}, else no key")
+    compile: bool = setting(True, "torch.compile the decode step (each new batch shape compiles once per machine, "
+                                  "then cached; falls back to eager); --no-compile runs eager")
     device: str = setting("auto", "auto, cpu, cuda, ...")
-    log_level: str = setting("info", "server log level (requests and batches are logged at info)",
+    log_level: str = setting("info", "server log level (requests and runs of the batch are logged at info)",
                              choices=["debug", "info", "warning", "error"])
 
     def validate(self) -> None:
-        if self.max_batch < 1:
-            raise UserError(f"--max-batch must be >= 1, got {self.max_batch}")
+        for name in ("max_batch", "max_queue", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout < 0:
+            raise UserError(f"--request-timeout must be >= 0 (0: no limit), got {self.request_timeout}")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api-key is empty")
+
+    def key(self) -> str | None:
+        """The API key: --api-key, else $LEANGPT_API_KEY, else none."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def serve(s: ServeSettings) -> dict[str, Any]:
@@ -521,9 +592,14 @@ def serve(s: ServeSettings) -> dict[str, Any]:
 
     model, tokenizer, _ = load_checkpoint(s.model, pick_device(s.device))
     name = s.model_name or s.model.resolve().name
-    app = create_app(Engine(model, compile=s.compile), tokenizer, name, s.max_batch)
+    key = s.key()
+    app = create_app(Engine(model, compile=s.compile), tokenizer, name, s.max_batch, max_queue=s.max_queue,
+                     prefill_chunk=s.prefill_chunk, request_timeout=s.request_timeout or None, api_key=key)
     logging.basicConfig(level=s.log_level.upper(), format="%(levelname)s:     %(message)s")
-    cli.log(f"serving {s.model} as {name!r} on http://{s.host}:{s.port}/v1")
+    cli.log(f"serving {s.model} as {name!r} on http://{s.host}:{s.port}/v1 (chat page at /)")
+    if key is None and not _loopback(s.host):
+        cli.log(f"warning: listening on {s.host} without an API key: whoever reaches the port can use the model "
+                f"(--api-key or ${API_KEY_ENV})")
     server = uvicorn.Server(uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level))
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to the handler that was set
@@ -537,7 +613,8 @@ def serve(s: ServeSettings) -> dict[str, Any]:
 
 def build_parser() -> cli.ArgumentParser:
     return cli.build_parser(ServeSettings, "serve", "Serve a checkpoint over an OpenAI-compatible HTTP API "
-                            "(/v1/completions, /v1/chat/completions, /v1/models, /health).")
+                            "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) with "
+                            "continuous batching, and a chat page at /.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,217 @@
+"""The server's worker: one thread that runs the model, never the event loop, with continuous batching.
+
+Requests become jobs (one per prompt) in a bounded queue. While the running batch (leangpt.batching) has free
+rows, the worker moves waiting jobs into it before every step; each step's tokens become text through
+generate's text layer (decode_texts, the same loop as `leangpt generate`), and each job's pieces and result go
+back to its request on the event loop. A job whose client went away (or whose request timed out) leaves the
+batch after the step that follows, and a queued one is skipped without being prefilled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from leangpt.batching import RunningBatch
+from leangpt.data.tokenizer import TextTokenizer
+from leangpt.engine import Completion, Engine, Request, check_request
+from leangpt.generate import TextRequest, decode_texts, to_request
+from leangpt.serve_metrics import ServeMetrics
+
+log = logging.getLogger("leangpt.serve")
+
+
+class Overloaded(Exception):
+    """The queue is full: the request is refused (HTTP 429), to be retried after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    """One prompt (one choice) of a request; the worker reports on the request's event queue, tagged with index."""
+    text: TextRequest
+    index: int
+    stream: bool
+    logprobs: bool
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    request: Request | None = None  # the token ids, set by Batcher.job
+    cancelled: bool = False  # the client went away or the request timed out: the worker drops the row
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None  # when the worker emitted its first token
+
+    def emit(self, kind: str, value: Any) -> None:
+        """("text", piece), ("done", result dict) or ("error", message); called from the worker thread."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0  # runs of the batch, each from idle to idle
+    rows: int = 0  # rows (choices) finished
+    last_batch_rows: int = 0  # the most rows that ran together in the last run
+    tokens: int = 0  # completion tokens
+    steps: int = 0
+
+
+class _Steps:
+    """The token steps that decode_texts reads: before each step, waiting jobs take the free rows; after it, rows
+    whose client went away leave."""
+
+    completions: list[Completion] = []  # rows are reported by ended() as they end
+
+    def __init__(self, batcher: "Batcher") -> None:
+        self.batcher = batcher
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.batcher
+        while True:
+            b.admit()
+            if not b.batch.rows:
+                return
+            b.stats.last_batch_rows = max(b.stats.last_batch_rows, b.batch.rows)
+            tokens = b.batch.step()
+            b.stats.steps += 1
+            b.first_tokens(tokens)
+            yield tokens
+            for row, job in b.jobs.items():
+                if job.cancelled:
+                    b.batch.stop(row)
+
+    def stop(self, row: int) -> None:
+        self.batcher.batch.stop(row)
+
+    def ended(self) -> list[tuple[int, Completion]]:
+        return self.batcher.batch.ended()
+
+
+class Batcher:
+    """The worker thread and its queue: jobs wait (at most max_queue of them) for one of max_batch rows."""
+
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, max_batch: int, max_queue: int = 256,
+                 prefill_chunk: int = 256, metrics: ServeMetrics | None = None) -> None:
+        self.engine, self.tokenizer, self.max_batch, self.max_queue = engine, tokenizer, max_batch, max_queue
+        self.batch = RunningBatch(engine, max_batch, prefill_chunk)
+        self.metrics = metrics or ServeMetrics()
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.busy = threading.Lock()  # held while the batch runs
+        self.submitted = 0  # jobs ever submitted (event-loop thread only)
+        self.stats = BatchStats()
+        self.jobs: dict[int, Job] = {}  # the batch's rows, by row id
+        self.texts: dict[int, TextRequest] = {}
+        self.closing = False
+        self._row_seconds = 0.0  # a moving average of a row's time in the batch, for Retry-After
+        self._thread: threading.Thread | None = None
+        self.metrics.watch(self.queue.qsize, lambda: self.batch.rows)
+
+    def job(self, text: TextRequest, index: int, stream: bool, logprobs: bool, events: asyncio.Queue) -> Job:
+        """A checked job (UserError for an empty prompt, a prompt + max_tokens beyond the context, ...)."""
+        job = Job(text, index, stream, logprobs, events, asyncio.get_running_loop())
+        job.request = to_request(self.tokenizer, text, eos=True)
+        check_request(job.request, self.engine.block_size)
+        return job
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue the jobs of one request, or refuse them all (Overloaded) if the queue would hold more than
+        max_queue."""
+        waiting = self.queue.qsize()
+        if waiting + len(jobs) > self.max_queue:
+            raise Overloaded(f"the server is busy: {waiting} choices are waiting for a row (at most "
+                             f"{self.max_queue}); retry later", self.retry_after(waiting))
+        for job in jobs:
+            self.submitted += 1
+            self.queue.put(job)
+
+    def retry_after(self, waiting: int) -> int:
+        """Seconds until the queue has likely moved by `waiting` jobs: rounds of max_batch rows at the mean
+        row time seen so far."""
+        return max(1, math.ceil(waiting / self.max_batch * self._row_seconds))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="leangpt-serve-worker", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self.closing:
+            first = self.queue.get()
+            if first is None:
+                return
+            if not first.cancelled:
+                self._run([first])
+
+    def _run(self, jobs: list[Job]) -> None:
+        """Run the batch from these jobs until it is empty, taking in what arrives meanwhile."""
+        with self.busy:
+            self.stats.batches += 1
+            self.stats.last_batch_rows = 0
+            for job in jobs:
+                self._add(job)
+            try:
+                decode_texts(_Steps(self), self.tokenizer, self.texts, logprobs=True, on_text=self._send,
+                             on_done=self._done, cancelled=lambda row: self.jobs[row].cancelled)
+            except Exception as e:  # a bug: fail the running requests, keep serving
+                log.exception("a step of %d rows failed", self.batch.rows)
+                for job in self.jobs.values():
+                    job.emit("error", f"generation failed ({type(e).__name__})")
+                self.batch.clear()
+                self.jobs.clear()
+                self.texts.clear()
+
+    def admit(self) -> None:
+        """Move waiting jobs into the free rows (skipping those already abandoned); on the closing mark, end
+        every row."""
+        while self.batch.free and not self.closing:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                self.closing = True
+                for row in list(self.jobs):
+                    self.jobs[row].cancelled = True
+                    self.batch.stop(row)
+            elif not job.cancelled:
+                self._add(job)
+
+    def _add(self, job: Job) -> None:
+        row = self.batch.add(job.request)
+        self.jobs[row], self.texts[row] = job, job.text
+
+    def first_tokens(self, tokens: list[tuple[int, int]]) -> None:
+        now = time.perf_counter()
+        for row, _ in tokens:
+            job = self.jobs[row]
+            if job.first_token is None:
+                job.first_token = now
+                self.metrics.ttft.observe(now - job.arrived)
+
+    def _send(self, row: int, piece: str) -> None:
+        job = self.jobs[row]
+        if job.stream and not job.cancelled:
+            job.emit("text", piece)
+
+    def _done(self, row: int, result: dict[str, Any]) -> None:
+        job, _ = self.jobs.pop(row), self.texts.pop(row)
+        now = time.perf_counter()
+        self._row_seconds += 0.1 * (now - (job.first_token or job.arrived) - self._row_seconds)
+        s, m = self.stats, self.metrics  # counted before the reply goes out, so a client sees its own row
+        s.rows, s.tokens = s.rows + 1, s.tokens + result["tokens"]
+        m.prompt_tokens.inc(len(job.request.prompt))
+        m.completion_tokens.inc(result["tokens"])
+        m.latency.observe(now - job.arrived)
+        job.emit("done", result)
