@@ -73,19 +73,9 @@ def process_blocks(model: GPT, tokens: torch.Tensor, fn: BlockFn, batch_size: in
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     batches = list(tokens.split(batch_size))
-    hidden = []
-    for idx in batches:  # embeddings, as in GPT.forward_hidden
-        T = idx.shape[1]
-        pos = torch.arange(T, device=device)
-        x = model.tok_emb(idx)
-        if model.pos_emb is not None:
-            x = x + model.pos_emb(pos)
-        hidden.append(x)
-    rope = None
-    T = tokens.shape[1]
-    if model.config.pos == "rope":
-        pos = torch.arange(T, device=device)
-        rope = (model.rope_cos[pos], model.rope_sin[pos])
+    pos = torch.arange(tokens.shape[1], device=device)
+    hidden = [model.embed(idx, pos) for idx in batches]  # the first block's inputs, as in GPT.forward_hidden
+    rope = model.rope_at(pos)
     for i, block in enumerate(model.blocks):
         linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
         stats = {name: InputStats(m.in_features, device, want_hessian) for name, m in linears.items()}

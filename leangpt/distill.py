@@ -199,8 +199,8 @@ class DistillLoss:
 # ---------------------------------------------------------------- the student
 
 # Fields that must agree for a teacher block to be copied into a student block.
-_BLOCK_FIELDS = ("n_embd", "n_head", "n_kv_head", "intermediate_size", "bias", "norm", "mlp", "pos",
-                 "rope_theta", "norm_eps", "tie_embeddings", "vocab_size")
+_BLOCK_FIELDS = ("n_embd", "n_head", "n_kv_head", "head_dim", "intermediate_size", "bias", "norm", "mlp", "pos",
+                 "rope_theta", "norm_eps", "tie_embeddings", "vocab_size", "qk_norm", "norm_weight", "embed_norm")
 
 
 def parse_layers(text: str, n_teacher: int) -> list[int]:
