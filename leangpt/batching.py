@@ -104,6 +104,7 @@ class RunningBatch:
         self._rows: list[_Row] = []  # by slot: row i sits in slot i
         self._ended: list[tuple[int, Completion]] = []
         self._next_id = 0
+        self._attentions: list[nn.Module] = []
         self._caches: list[SlotCache] = []
         self._sampler: Sampler | None = None
         self._sampler_rows: tuple[int, ...] = ()
@@ -152,6 +153,9 @@ class RunningBatch:
     def step(self) -> list[tuple[int, int]]:
         """One iteration: a prefill chunk for the joining rows, then one decode step for the prefilled ones.
         Returns (row, token) for the tokens emitted; rows that ended are reported by ended()."""
+        if self._rows and self._attentions[0].kv_cache is not self._caches[0]:
+            raise RuntimeError("the model's KV cache was replaced while rows were running (another generation on "
+                               "the same model)")
         self._prefill()
         ready = [r for r in self._rows if r.ready]
         if not ready:
@@ -190,7 +194,7 @@ class RunningBatch:
         for attn in attentions:
             if not isinstance(attn.kv_cache, SlotCache):
                 attn.kv_cache = SlotCache(attn.kv_cache)
-        self._caches = [attn.kv_cache for attn in attentions]
+        self._attentions, self._caches = attentions, [attn.kv_cache for attn in attentions]
 
     def _end(self, row: _Row, reason: str) -> None:
         self._ended.append((row.id, Completion(row.tokens, row.logprobs, reason)))
