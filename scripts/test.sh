@@ -10,6 +10,6 @@ pip install -q -e ".[llamacpp]"
 # The chat page of `leangpt serve` is tested in a real headless browser: Debian's Chromium and its chromedriver.
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 python -m pytest tests "$@"
