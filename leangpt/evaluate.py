@@ -50,6 +50,8 @@ class EvalSettings:
     lambada_passages: int = setting(lambada.PASSAGES, "shakespeare-lambada: passages from the val split")
     write_tasks: Path | None = setting(None, "write shakespeare-lambada's YAML and JSONL into this directory and "
                                              "keep them (for `lm_eval --include_path DIR`)", metavar="DIR")
+    log_samples: bool = setting(False, "tasks: add each document's metric values to the result (samples), for "
+                                       "paired comparisons of models on the same documents")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
     progress: bool = setting(True, "show a progress bar on stderr", cli=False)
 
@@ -187,7 +189,8 @@ def _task_dir(s: EvalSettings):
 
 def evaluate_tasks(s: EvalSettings) -> dict[str, Any]:
     """Run lm-eval's tasks s.tasks on s.model in-process: model, tasks ({name: {metric: value, metric_stderr:
-    stderr, ..., samples, num_fewshot}}), limit and lm_eval_version. shakespeare-lambada is built from s.data."""
+    stderr, ..., samples, num_fewshot}}), limit and lm_eval_version; with s.log_samples also samples ({name:
+    {metric: [per-document value, ...]}}, in document order). shakespeare-lambada is built from s.data."""
     s.validate()
     runner = _lm_eval_runner()
     names = s.task_names()
@@ -202,8 +205,20 @@ def evaluate_tasks(s: EvalSettings) -> dict[str, Any]:
             include.append(task_dir)
         with contextlib.redirect_stdout(sys.stderr), _no_bootstrap_pool():  # stdout is for the result
             result = runner.run_tasks(runner.LeanGPTLM(model, tokenizer, s.batch_size, s.progress), names, include,
-                                      limit=s.limit, num_fewshot=s.num_fewshot, bootstrap_iters=s.bootstrap_iters)
+                                      limit=s.limit, num_fewshot=s.num_fewshot, bootstrap_iters=s.bootstrap_iters,
+                                      log_samples=s.log_samples)
     return {"model": str(s.model), **result}
+
+
+def paired_difference(values: list[float], reference: list[float]) -> dict[str, float]:
+    """Mean of values - reference over the same documents, and its standard error. Two models scored on the same
+    documents differ far less from document to document than documents differ from each other, so this tells
+    apart models whose own stderrs overlap (per-document values: evaluate's samples, with log_samples)."""
+    if len(values) != len(reference) or len(values) < 2:
+        raise UserError(f"a paired difference needs the same documents, at least 2 (got {len(values)} and "
+                        f"{len(reference)})")
+    d = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / math.sqrt(len(d)))}
 
 
 @contextlib.contextmanager

@@ -220,16 +220,30 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _per_document(results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Each task's per-document metric values, in document order: {task: {metric: [value, ...]}} (for
+    perplexity, the document's loglikelihood, which lm-eval's perplexity aggregates)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, samples in results.get("samples", {}).items():
+        ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+        metrics = ordered[0]["metrics"] if ordered else []
+        out[name] = {m: [float(sample[m]) for sample in ordered] for m in metrics}
+    return out
+
+
 def run_tasks(lm: LeanGPTLM, names: list[str], include: list[Path], limit: int | None = None,
-              num_fewshot: int | None = None, bootstrap_iters: int = 1000) -> dict[str, Any]:
+              num_fewshot: int | None = None, bootstrap_iters: int = 1000, log_samples: bool = False) -> dict[str, Any]:
     """lm-eval's tasks `names` (found in lm-eval's own tasks or the include paths) scored with `lm`: tasks
-    ({name: metrics, see _metrics}), limit, lm_eval_version."""
+    ({name: metrics, see _metrics}), limit, lm_eval_version; with log_samples, also samples (_per_document)."""
     manager = _task_manager(names, include)
     try:
         results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  bootstrap_iters=bootstrap_iters, log_samples=False)
+                                  bootstrap_iters=bootstrap_iters, log_samples=log_samples)
     except (ConnectionError, DatasetsError, FileNotFoundError) as e:  # offline, a hub dataset not in the cache;
         # a local data file that is not there
         raise UserError(f"a task's dataset cannot be loaded: {str(e).splitlines()[0]} (lm-eval downloads a "
                         f"hub dataset into the Hugging Face cache on a machine with internet)") from None
-    return {"tasks": _metrics(results), "limit": limit, "lm_eval_version": lm_eval.__version__}
+    out = {"tasks": _metrics(results), "limit": limit, "lm_eval_version": lm_eval.__version__}
+    if log_samples:
+        out["samples"] = _per_document(results)
+    return out

@@ -167,6 +167,25 @@ def test_shakespeare_lambada_scores_a_trained_model_above_a_unigram_baseline(tin
     assert metrics["perplexity_stderr"] > 0
 
 
+def test_per_document_samples_give_a_paired_difference_finer_than_either_stderr(tiny_checkpoint, dataset_dir,
+                                                                               tmp_path):
+    from leangpt.evaluate import paired_difference
+    from leangpt.quantize import QuantizeSettings, quantize
+
+    quantize(QuantizeSettings(model=tiny_checkpoint, out=tmp_path / "int8", method="int8", progress=False))
+    results = [evaluate(EvalSettings(model=m, data=dataset_dir, tasks=[lambada.TASK], lambada_passages=40,
+                                     log_samples=True, progress=False)) for m in (tiny_checkpoint, tmp_path / "int8")]
+    dense, int8 = (r["samples"][lambada.TASK] for r in results)
+    assert set(dense) == {"acc", "perplexity"} and len(dense["acc"]) == 40  # perplexity's items: loglikelihoods
+    metrics = results[0]["tasks"][lambada.TASK]
+    assert np.mean(dense["acc"]) == pytest.approx(metrics["acc"])
+    assert math.exp(-np.mean(dense["perplexity"])) == pytest.approx(metrics["perplexity"])
+    assert paired_difference(dense["perplexity"], dense["perplexity"]) == {"mean": 0, "stderr": 0}
+    diff = paired_difference(int8["perplexity"], dense["perplexity"])
+    own_stderr = np.std(dense["perplexity"], ddof=1) / math.sqrt(40)
+    assert abs(diff["mean"]) < own_stderr and diff["stderr"] < own_stderr / 5
+
+
 def test_tasks_from_the_command_line(tiny_checkpoint, dataset_dir, tmp_path, capsys):
     task = write_choice_task(tmp_path)
     args = ["eval", "--model", str(tiny_checkpoint), "--tasks", f"{task},{lambada.TASK}", "--include-path",
