@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,11 +40,12 @@ from leangpt import cli
 from leangpt.cli import setting
 from leangpt.data.fastbpe import byte_decoder
 from leangpt.data.tokenizer import TextTokenizer
-from leangpt.engine import Engine
+from leangpt.engine import Engine, check_request
 from leangpt.errors import UserError
 from leangpt.generate import TextRequest
 from leangpt.sampling import SamplingConfig
 from leangpt.scheduler import Batcher, Job, Overloaded
+from leangpt.scoring import score_tokens
 from leangpt.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from leangpt.serve_metrics import ServeMetrics
 
@@ -94,9 +95,12 @@ class _Body(BaseModel):
             raise UserError(f"n must be 1 (one choice per prompt), got {self.n}")
 
 
+MAX_TOP_LOGPROBS = 5  # OpenAI's limit for the completions API's logprobs
+
+
 class CompletionBody(_Body):
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    prompt: str | list[int] | list[list[int]] | list[str]  # text, token ids, or a list of either
+    max_tokens: int = Field(16, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
@@ -105,13 +109,24 @@ class CompletionBody(_Body):
         super().check()
         if isinstance(self.prompt, list) and not self.prompt:
             raise UserError("prompt is an empty list")
-        if self.logprobs:
-            raise UserError("logprobs > 0 (top alternatives) is not supported; logprobs=0 gives each token's "
-                            "log-probability")
-        if self.logprobs is not None and self.stream:
-            raise UserError("logprobs are not available when streaming")
-        if self.echo or self.suffix:
-            raise UserError("echo and suffix are not supported")
+        if self.logprobs is not None and self.logprobs > MAX_TOP_LOGPROBS:
+            raise UserError(f"logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        if (self.logprobs is not None or self.echo) and self.stream:
+            raise UserError("logprobs and echo are not available when streaming")
+        if self.max_tokens == 0 and not self.echo:
+            raise UserError("max_tokens must be >= 1 (0 only with echo, to score the prompt)")
+        if self.suffix:
+            raise UserError("suffix is not supported")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt per choice: a text or a list of token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    def scored(self) -> bool:
+        """Whether the reply needs the forward pass of leangpt.scoring: echo, or top alternatives."""
+        return self.echo or bool(self.logprobs)
 
 
 class Message(BaseModel):
@@ -184,16 +199,44 @@ def _token_bytes(tokenizer: TextTokenizer, token_id: int) -> list[int]:
     return list(tokenizer.decode([token_id]).encode("utf-8"))
 
 
-def _completion_logprobs(tokenizer: TextTokenizer, result: dict[str, Any]) -> dict[str, Any]:
-    ids = result["token_ids"]
+def _text_offsets(tokenizer: TextTokenizer, ids: list[int], start: int = 0) -> list[int]:
+    """Each token's offset in the text of `ids`, plus `start`: the whole characters before its first byte."""
     pieces = [bytes(_token_bytes(tokenizer, t)) for t in ids]
     raw, starts = b"".join(pieces), [0]
     for p in pieces[:-1]:
         starts.append(starts[-1] + len(p))
-    # A token's offset counts the whole characters before its first byte.
-    offsets = [len(raw[:b].decode("utf-8", errors="ignore")) for b in starts[:len(ids)]]
+    return [start + len(raw[:b].decode("utf-8", errors="ignore")) for b in starts[:len(ids)]]
+
+
+def _completion_logprobs(tokenizer: TextTokenizer, result: dict[str, Any]) -> dict[str, Any]:
+    ids = result["token_ids"]
     return {"tokens": [tokenizer.decode([t]) for t in ids], "token_logprobs": result["logprobs"],
-            "top_logprobs": None, "text_offset": offsets}
+            "top_logprobs": None, "text_offset": _text_offsets(tokenizer, ids)}
+
+
+def _scored_logprobs(tokenizer: TextTokenizer, model: Any, prompt: list[int], completion: list[int], top: int,
+                     echo: bool, prompt_chars: int) -> dict[str, Any]:
+    """The legacy API's logprobs object from one forward pass over prompt + completion: the prompt's positions
+    too with echo (the first token's logprob and alternatives null), and with top >= 1 the `top` likeliest
+    tokens as {token: logprob} at each position. prompt_chars: the echoed prompt's length in characters."""
+    scores = score_tokens(model, prompt + completion, top)
+    first = 0 if echo else len(prompt)
+    ids = (prompt + completion)[first:]
+    offsets = (_text_offsets(tokenizer, prompt) if echo else []) + _text_offsets(tokenizer, completion, prompt_chars
+                                                                                  if echo else 0)
+    tops: list[dict[str, float] | None] | None = None
+    if top:
+        tops = [None if not pairs else _top_dict(tokenizer, pairs) for pairs in scores.top[first:]]
+    return {"tokens": [tokenizer.decode([t]) for t in ids], "token_logprobs": scores.token_logprobs[first:],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def _top_dict(tokenizer: TextTokenizer, pairs: list[tuple[int, float]]) -> dict[str, float]:
+    """{token text: logprob}, likeliest first; tokens that decode alike keep the likeliest one's logprob."""
+    out: dict[str, float] = {}
+    for token_id, logprob in pairs:
+        out.setdefault(tokenizer.decode([token_id]), logprob)
+    return out
 
 
 def _chat_logprobs(tokenizer: TextTokenizer, result: dict[str, Any]) -> dict[str, Any]:
@@ -227,16 +270,22 @@ class Server:
         body.check()
         body.sampling().validate()
 
-    def jobs(self, body: _Body, prompts: list[str], max_tokens: int, stops: tuple[str, ...],
+    def jobs(self, body: _Body, prompts: list[str] | list[str | list[int]], max_tokens: int, stops: tuple[str, ...],
              logprobs: bool) -> tuple[list[Job], asyncio.Queue]:
-        """One checked job per prompt (all checked before any is queued), seeds seed + i as `leangpt generate`."""
+        """One checked job per prompt, a text or token ids (all checked before any is queued), seeds seed + i
+        as `leangpt generate`."""
         sampling = body.sampling()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
         for i, prompt in enumerate(prompts):
             seed = None if body.seed is None else body.seed + i
-            jobs.append(self.batcher.job(TextRequest(prompt, max_tokens, sampling, seed, stops), i, body.stream,
-                                         logprobs, events))
+            text = prompt if isinstance(prompt, str) else self.batcher.tokenizer.decode(prompt)
+            job = self.batcher.job(TextRequest(text, max_tokens, sampling, seed, stops), i, body.stream, logprobs,
+                                   events)
+            if not isinstance(prompt, str):  # the ids as sent: decoding and encoding again may change them
+                job.request = replace(job.request, prompt=list(prompt))
+                check_request(job.request, self.batcher.engine.block_size)
+            jobs.append(job)
         return jobs, events
 
     def submit(self, jobs: list[Job]) -> None:
@@ -458,7 +507,9 @@ def _add_generation_routes(app: FastAPI, server: Server, engine: Engine, tokeniz
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest) -> Any:
         server.check(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompts()
+        if body.scored():
+            return await _scored_completion(server, engine, tokenizer, body, prompts, http)
         jobs, events = server.jobs(body, prompts, body.max_tokens, body.stops(), body.logprobs is not None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
@@ -495,6 +546,36 @@ def _add_generation_routes(app: FastAPI, server: Server, engine: Engine, tokeniz
                   "logprobs": _chat_logprobs(tokenizer, r) if body.logprobs else None,
                   "finish_reason": r["finish_reason"]}
         return {**head, "choices": [choice], "usage": _usage(prompt_tokens, r["tokens"])}
+
+
+async def _scored_completion(server: Server, engine: Engine, tokenizer: TextTokenizer, body: CompletionBody,
+                             prompts: list[str | list[int]], http: HTTPRequest) -> dict[str, Any]:
+    """A completion with echo or top alternatives (what lm-eval's local-completions asks for): the choices
+    generated as usual (none with max_tokens 0), then each prompt + completion scored in one forward pass."""
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    for prompt in ids:
+        if not prompt:
+            raise UserError("the prompt is empty")
+        if len(prompt) + body.max_tokens > engine.block_size:
+            raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({body.max_tokens}) exceed the context "
+                            f"of {engine.block_size}")
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": server.name}
+    results = [{"text": "", "token_ids": [], "tokens": 0, "finish_reason": "length"} for _ in prompts]
+    if body.max_tokens:
+        jobs, events = server.jobs(body, prompts, body.max_tokens, body.stops(), True)
+        server.submit(jobs)
+        results = await server.results(jobs, events, http)
+    choices = []
+    for i, (prompt, text, r) in enumerate(zip(ids, prompts, results)):
+        echoed = (text if isinstance(text, str) else tokenizer.decode(prompt)) if body.echo else ""
+        # Off the event loop: a forward pass over up to a whole context.
+        logprobs = await asyncio.to_thread(_scored_logprobs, tokenizer, engine.model, prompt, r["token_ids"],
+                                           body.logprobs or 0, body.echo, len(echoed))
+        choices.append({"index": i, "text": echoed + r["text"], "finish_reason": r["finish_reason"],
+                        "logprobs": logprobs})
+    return {**head, "choices": choices,
+            "usage": _usage(sum(map(len, ids)), sum(r["tokens"] for r in results))}
 
 
 def _completion_choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
