@@ -34,7 +34,7 @@ class EvalSettings:
                                       "--tasks, the dataset shakespeare-lambada is built from)")
     split: str = setting("val", "which split to score", choices=["val", "train"])
     block_size: int | None = setting(None, "context length of each window (default: the model's)")
-    batch_size: int = setting(8, "windows per forward pass")
+    batch_size: int = setting(8, "windows (with --tasks, requests) per forward pass")
     max_tokens: int | None = setting(None, "score only the first N tokens of the split")
     reference: Path | None = setting(None, "checkpoint to compare with: adds the mean KL(reference || model) of "
                                            "next-token distributions over the same windows, and top-1 agreement")
@@ -46,7 +46,7 @@ class EvalSettings:
                                       "figures are then not the task's)")
     num_fewshot: int | None = setting(None, "tasks: examples in each prompt (default: the task's own, else 0)")
     bootstrap_iters: int = setting(1000, "tasks: bootstrap resamples for the stderr of metrics such as perplexity "
-                                         "(lm-eval's own default is 100000; 0 skips those stderrs)")
+                                         "(lm-eval's command takes 100000; 0 skips those stderrs)")
     lambada_passages: int = setting(lambada.PASSAGES, "shakespeare-lambada: passages from the val split")
     write_tasks: Path | None = setting(None, "write shakespeare-lambada's YAML and JSONL into this directory and "
                                              "keep them (for `lm_eval --include_path DIR`)", metavar="DIR")
@@ -203,7 +203,7 @@ def evaluate_tasks(s: EvalSettings) -> dict[str, Any]:
                 raise UserError(f"{s.data} was tokenized with a different tokenizer than {s.model}")
             lambada.write_lambada_task(s.data, task_dir, s.lambada_passages)
             include.append(task_dir)
-        with contextlib.redirect_stdout(sys.stderr), _no_bootstrap_pool():  # stdout is for the result
+        with _lm_eval_output(s.progress), _no_bootstrap_pool():
             result = runner.run_tasks(runner.LeanGPTLM(model, tokenizer, s.batch_size, s.progress), names, include,
                                       limit=s.limit, num_fewshot=s.num_fewshot, bootstrap_iters=s.bootstrap_iters,
                                       log_samples=s.log_samples)
@@ -219,6 +219,18 @@ def paired_difference(values: list[float], reference: list[float]) -> dict[str, 
                         f"{len(reference)})")
     d = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
     return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / math.sqrt(len(d)))}
+
+
+@contextlib.contextmanager
+def _lm_eval_output(progress: bool):
+    """lm-eval prints to stdout, which is for the result: its output goes to stderr, or nowhere without progress
+    (its progress bars and notes)."""
+    with contextlib.ExitStack() as stack:
+        sink = sys.stderr if progress else stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        if not progress:
+            stack.enter_context(contextlib.redirect_stderr(sink))
+        yield
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ class LeanGPTLM(TemplateLM):
 
     def __init__(self, model: GPT, tokenizer: TextTokenizer, batch_size: int = 8, progress: bool = False) -> None:
         super().__init__()
+        # Not `tokenizer`: TemplateLM reads that attribute as a Hugging Face tokenizer (chat templates).
         self.model, self.tokenizer_ = model.eval(), tokenizer
         self._device = next(model.parameters()).device
         self.batch_size, self.progress = batch_size, progress
