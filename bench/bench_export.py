@@ -157,7 +157,8 @@ def main() -> None:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         files = exports(args.model, Path(work))
-        sizes = {k: sum(f.stat().st_size for f in ([v] if v.is_file() else v.glob("model.onnx*"))) for k, v in files.items()}
+        sizes = {k: sum(f.stat().st_size for f in ([v] if v.is_file() else v.glob("model.onnx*")))
+                 for k, v in files.items()}
         results = {"command": " ".join(sys.argv), "model": str(args.model), "machine": describe(),
                    "load_average_before": load, "llama_cpp_python": llama_cpp_version(),
                    "llama_cpp_extra_buffers": llama_cpp_extra_buffers(),

@@ -18,7 +18,7 @@ from leangpt.engine import Engine, Request
 from leangpt.errors import UserError
 from leangpt.export import ExportSettings, export
 from leangpt.export.gguf_file import exact_blocks
-from leangpt.export.runtimes import LlamaCppModel, OnnxModel, greedy
+from leangpt.export.runtimes import LlamaCppModel, OnnxModel, gguf_speed, greedy, onnx_speed
 from leangpt.model import GPT
 from leangpt.quant.formats import Scheme, quantize_rtn
 from leangpt.quantize import QuantizeSettings, quantize
@@ -211,6 +211,21 @@ def test_onnx_dynamic_batch_and_int8(llama_checkpoint, dataset_dir, tmp_path):
     result = export_to(llama_checkpoint, tmp_path / "int8", fmt="onnx", type="int8")
     theirs = OnnxModel(tmp_path / "int8").forward(rows, 0, all_logits=True)
     assert result["type"] == "int8" and kl(ours, theirs) < 1e-3 and (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+
+
+def test_batches_and_speed_helpers(llama_checkpoint, dataset_dir, tmp_path):
+    """Rows as parallel llama.cpp sequences decode as leangpt decodes each; the speed helpers the pipeline calls."""
+    export_to(llama_checkpoint, tmp_path / "m.gguf")
+    export_to(llama_checkpoint, tmp_path / "onnx", fmt="onnx")
+    model, _, _ = load_checkpoint(llama_checkpoint)
+    prompts = val_windows(dataset_dir, n=3, length=12)
+    with LlamaCppModel(tmp_path / "m.gguf", n_ctx=32, n_seq=3) as llm:
+        continuations, _, _ = greedy(llm, prompts, 12)
+    assert continuations == [leangpt_greedy(model, p, 12) for p in prompts]
+    for result in (gguf_speed(tmp_path / "m.gguf", batch=2, prompt_tokens=8, new_tokens=4, repeats=1),
+                   onnx_speed(tmp_path / "onnx", model.config.vocab_size, batch=2, prompt_tokens=8, new_tokens=4,
+                              repeats=1)):
+        assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"] > 0 and result["batch"] == 2
 
 
 # ---------------------------------------------------------------- what is refused, and how

@@ -45,7 +45,8 @@ class ExportSettings:
     def validate(self) -> None:
         allowed = GGUF_TYPES if self.format == "gguf" else ONNX_TYPES
         if self.type not in allowed:
-            raise UserError(f"--type {self.type} does not apply to --format {self.format}; choose from {', '.join(allowed)}")
+            raise UserError(f"--type {self.type} does not apply to --format {self.format}; "
+                            f"choose from {', '.join(allowed)}")
 
 
 def check_output_file(out: Path, overwrite: bool) -> None:

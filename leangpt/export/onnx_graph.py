@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from leangpt.config import ModelConfig
 from leangpt.export.source import Source
 from leangpt.model import rope_cache
 
@@ -82,7 +81,8 @@ class Decoder:
         c, g = self.config, self.g
         if c.norm == "rmsnorm":
             return self.rms_norm(x, name)
-        scale = self.weight(f"{name}.weight") if c.norm_weight else g.const(f"ones_{c.n_embd}", np.ones(c.n_embd, np.float32))
+        ones = np.ones(c.n_embd, np.float32)
+        scale = self.weight(f"{name}.weight") if c.norm_weight else g.const(f"ones_{c.n_embd}", ones)
         bias = [self.weight(f"{name}.bias")] if c.bias and c.norm_weight else []
         return g.op("LayerNormalization", x, scale, *bias, axis=-1, epsilon=c.norm_eps)
 
@@ -110,7 +110,8 @@ class Decoder:
         if heads == kv_heads:
             return x
         g, group = self.g, heads // kv_heads
-        expanded = g.op("Expand", g.op("Unsqueeze", x, g.ints("axis2", 2)), g.ints(f"gqa_expand_{group}", 1, 1, group, 1, 1))
+        x = g.op("Unsqueeze", x, g.ints("axis2", 2))  # (B, Hkv, 1, S, D)
+        expanded = g.op("Expand", x, g.ints(f"gqa_expand_{group}", 1, 1, group, 1, 1))  # (B, Hkv, G, S, D)
         return g.op("Reshape", expanded, g.ints(f"gqa_shape_{heads}", 0, heads, -1, self.config.head_dim))
 
     def attention(self, x: str, i: int) -> str:
@@ -127,7 +128,8 @@ class Decoder:
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
         v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")
         k, v = self.repeat_kv(k, heads, kv_heads), self.repeat_kv(v, heads, kv_heads)
-        scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.scalar("attn_scale", 1 / math.sqrt(d)))  # (B, H, T, S)
+        scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # (B, H, T, S)
+        scores = g.op("Mul", scores, g.scalar("attn_scale", 1 / math.sqrt(d)))
         p = g.op("Softmax", g.op("Where", self.mask, scores, g.scalar("neg_inf", -np.inf)), axis=-1)
         y = g.op("Transpose", g.op("MatMul", p, v), perm=[0, 2, 1, 3])  # (B, T, H, D)
         y = g.op("Reshape", y, g.ints(f"blocks.{i}.attn.merge", 0, 0, heads * d))
@@ -145,7 +147,8 @@ class Decoder:
             u = self.linear(x, f"{name}.fc")
             cubic = g.op("Mul", g.op("Mul", g.op("Mul", u, u), u), g.scalar("gelu_c", 0.044715))
             inner = g.op("Mul", g.op("Add", u, cubic), g.scalar("gelu_k", math.sqrt(2 / math.pi)))
-            h = g.op("Mul", g.op("Mul", u, g.scalar("half", 0.5)), g.op("Add", g.op("Tanh", inner), g.scalar("one", 1.0)))
+            one_plus_tanh = g.op("Add", g.op("Tanh", inner), g.scalar("one", 1.0))
+            h = g.op("Mul", g.op("Mul", u, g.scalar("half", 0.5)), one_plus_tanh)
         return self.linear(h, f"{name}.proj")
 
     def positions(self) -> None:
@@ -176,7 +179,9 @@ class Decoder:
             x = g.op("Add", x, self.mlp(self.norm(x, f"blocks.{i}.norm2"), i))
         x = self.norm(x, "norm_f")
         tied = self.src.weights["lm_head.weight"] is self.src.weights["tok_emb.weight"]
-        head = g.op("Transpose", "tok_emb.weight", perm=[1, 0]) if tied else self.weight("lm_head.weight", transpose=True)
+        # A tied head reads the embedding's table (onnxruntime folds the transpose once, at load).
+        head = g.op("Transpose", "tok_emb.weight", perm=[1, 0]) if tied else \
+            self.weight("lm_head.weight", transpose=True)
         if c.logit_softcap is None:
             g.op("MatMul", x, head, name="logits")
         else:  # cap · tanh(logits / cap)
@@ -196,11 +201,6 @@ class Decoder:
                                                   ["batch", h, "total_sequence", c.head_dim]) for name, h in kv]
         graph = helper.make_graph(self.g.nodes, "leangpt", inputs, outputs, self.g.initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="leangpt")
-
-
-def kv_heads(config: ModelConfig) -> list[int]:
-    """KV heads of each layer: the second dimension of its past_key_values inputs."""
-    return [config.layer_heads(i)[1] for i in range(config.n_layer)]
 
 
 def decoder_graph(src: Source) -> onnx.ModelProto:

@@ -121,7 +121,8 @@ class OnnxModel:
         options.log_severity_level = 3  # errors only
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.kv_shapes = {i.name: (i.shape[1], i.shape[3]) for i in self.session.get_inputs() if i.name in self.past_names}
+        self.kv_shapes = {i.name: (i.shape[1], i.shape[3])  # (kv heads, head dim) of each layer's cache
+                          for i in self.session.get_inputs() if i.name in self.past_names}
         self.past: list[np.ndarray] = []
         self.threads = threads
 
@@ -132,7 +133,8 @@ class OnnxModel:
         """Logits (R, T, V) of every row's tokens at positions start.. (all_logits), or (R, V) of the last one;
         the cache holds positions 0..start-1 (start 0: an empty cache of len(rows) rows)."""
         if start == 0:
-            self.past = [np.zeros((len(rows), h, 0, d), np.float32) for h, d in map(self.kv_shapes.get, self.past_names)]
+            shapes = map(self.kv_shapes.get, self.past_names)
+            self.past = [np.zeros((len(rows), h, 0, d), np.float32) for h, d in shapes]
         if self.past[0].shape[2] != start:
             raise ValueError(f"the cache holds {self.past[0].shape[2]} positions, not {start}")
         feeds = {"input_ids": np.asarray(rows, dtype=np.int64), **dict(zip(self.past_names, self.past))}
@@ -140,7 +142,8 @@ class OnnxModel:
         return logits if all_logits else logits[:, -1]
 
 
-def greedy(model: LlamaCppModel | OnnxModel, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, float]:
+def greedy(model: LlamaCppModel | OnnxModel, prompts: list[list[int]],
+           new_tokens: int) -> tuple[list[list[int]], float, float]:
     """Greedy continuations of equal-length prompts from an empty cache, and the seconds to the first new
     token and from then to the last (as leangpt.bench.timed_run times leangpt's engine)."""
     t0 = time.perf_counter()
