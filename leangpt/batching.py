@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from leangpt.engine import Completion, Engine, Request, check_request
 from leangpt.model import KVCache
+from leangpt.quant.kernels import GEMV_ROWS
 from leangpt.sampling import Sampler, token_logprobs
 
 
@@ -150,6 +151,22 @@ class RunningBatch:
         self._rows, self._ended, self._sampler, self._sampler_rows = [], [], None, ()
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One decode step at every batch size this batch can run, and a prefill of every token count that a
+        quantized kernel compiles for, on placeholder rows, before any request: what is built at a shape's first
+        use (a compiled decode graph, a quantized kernel compiled per row count) is built now, not while a
+        request waits. The cache slots written are free ones."""
+        if self._rows:
+            raise RuntimeError("warm up before adding rows")
+        self._own_cache()
+        for n in sorted({self._width(n) for n in range(1, self.max_rows + 1)}):
+            zeros = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+            self.engine.decode(zeros, zeros, 1)
+        for t in range(1, min(GEMV_ROWS, self.max_len) + 1):
+            self.engine.model.forward_hidden(torch.zeros(1, t, dtype=torch.long, device=self.device),
+                                             torch.arange(t, device=self.device), t)
+
+    @torch.inference_mode()
     def step(self) -> list[tuple[int, int]]:
         """One iteration: a prefill chunk for the joining rows, then one decode step for the prefilled ones.
         Returns (row, token) for the tokens emitted; rows that ended are reported by ended()."""
@@ -249,12 +266,16 @@ class RunningBatch:
         """Logits (n, V) of one decode step over every running row; a row still prefilling feeds a placeholder
         at the next position its prefill will write, and its logits are ignored."""
         n = len(self._rows)
-        width = min(1 << (n - 1).bit_length(), self.max_rows) if self._pad_rows else n
+        width = self._width(n)
         inputs = [r.next_input if r.ready else 0 for r in self._rows] + [0] * (width - n)
         positions = [r.position for r in self._rows] + [0] * (width - n)  # free slots: position 0, unused
         tokens = torch.tensor(inputs, device=self.device)[:, None]  # (width, 1)
         pos = torch.tensor(positions, device=self.device)[:, None]
         return self.engine.decode(tokens, pos, max(positions) + 1)[:n]
+
+    def _width(self, n: int) -> int:
+        """Rows of a decode step for n running rows."""
+        return min(1 << (n - 1).bit_length(), self.max_rows) if self._pad_rows else n
 
     def _sampler_for(self, ready: list[_Row]) -> Sampler:
         """The sampler of these rows in this order: the last one while the rows stay the same, else a new one

@@ -147,6 +147,12 @@ class Batcher:
             self._thread.join()
 
     def _loop(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.batch.warm_up()  # requests queue meanwhile
+            log.info("warmed up batch sizes 1..%d in %.1f s", self.max_batch, time.perf_counter() - t0)
+        except Exception:  # a bug: serve anyway, a request's step will show it again
+            log.exception("warm-up failed")
         while not self.closing:
             first = self.queue.get()
             if first is None:
