@@ -159,9 +159,11 @@ class RunningBatch:
         if self._rows:
             raise RuntimeError("warm up before adding rows")
         self._own_cache()
-        for n in sorted({self._width(n) for n in range(1, self.max_rows + 1)}):
-            zeros = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-            self.engine.decode(zeros, zeros, 1)
+        for i, n in enumerate(sorted({self._width(n) for n in range(1, self.max_rows + 1)})):
+            tokens, positions = (torch.zeros(n, 1, dtype=torch.long, device=self.device) for _ in range(2))
+            # Attended lengths of 2 and 3 in turn: a compiled step's length turns symbolic now (0 and 1 would be
+            # specialised), not at the first real step. Two tensors, as a real step has: dynamo guards aliasing.
+            self.engine.decode(tokens, positions, 2 + i % 2)
         for t in range(1, min(GEMV_ROWS, self.max_len) + 1):
             self.engine.model.forward_hidden(torch.zeros(1, t, dtype=torch.long, device=self.device),
                                              torch.arange(t, device=self.device), t)

@@ -404,7 +404,7 @@ def chat_page() -> str:
     return (resources.files("leangpt") / "static" / "chat.html").read_text(encoding="utf-8")
 
 
-def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: int = 8, *, max_queue: int = 256,
+def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: int = 16, *, max_queue: int = 256,
                prefill_chunk: int = 256, request_timeout: float | None = None,
                api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving one model; its worker thread runs while the app runs (lifespan). Requests wait
