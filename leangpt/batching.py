@@ -134,6 +134,7 @@ class RunningBatch:
         self._rows.append(row)
         return row.id
 
+    @torch.inference_mode()  # a moved row is copied within the cache, which may be an inference tensor
     def stop(self, row_id: int) -> None:
         """End a row now (finish_reason "stop"); its slot is free for the next step. A row already ended is
         ignored."""

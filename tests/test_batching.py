@@ -85,6 +85,7 @@ def test_a_stopped_row_frees_its_slot_at_once():
     a, b, c = Request([1, 2, 3], 30, GREEDY), Request([4, 5], 30, GREEDY), Request([6], 5, GREEDY)
     ref = solo(model, [a, b, c])
     batch = RunningBatch(Engine(model), 2)
+    batch.warm_up()  # the cache is then made under inference mode, as in the server
     ra, rb = batch.add(a), batch.add(b)
     for _ in range(3):
         batch.step()
