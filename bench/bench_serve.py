@@ -67,18 +67,18 @@ def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.P
            "--log-level", "warning"]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # warm-up compiles every batch size
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("ready"):
+                return proc  # warmed up (compiled) too
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not start within 120 s")
+    raise SystemExit("the server was not ready within 900 s")
 
 
 def rss_mb(pid: int) -> float:

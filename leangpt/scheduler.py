@@ -110,6 +110,7 @@ class Batcher:
         self.jobs: dict[int, Job] = {}  # the batch's rows, by row id
         self.texts: dict[int, TextRequest] = {}
         self.closing = False
+        self.ready = False  # warmed up: requests no longer wait for first-use compilation
         self._row_seconds = 0.0  # a moving average of a row's time in the batch, for Retry-After
         self._thread: threading.Thread | None = None
         self.metrics.watch(self.queue.qsize, lambda: self.batch.rows)
@@ -153,6 +154,7 @@ class Batcher:
             log.info("warmed up batch sizes 1..%d in %.1f s", self.max_batch, time.perf_counter() - t0)
         except Exception:  # a bug: serve anyway, a request's step will show it again
             log.exception("warm-up failed")
+        self.ready = True
         while not self.closing:
             first = self.queue.get()
             if first is None:

@@ -478,7 +478,8 @@ def _add_info_routes(app: FastAPI, server: Server, metrics: ServeMetrics) -> Non
     @app.get("/health")
     async def health() -> dict[str, Any]:
         s = batcher.stats
-        return {"status": "ok", "model": name, "max_batch": batcher.max_batch, "batches": s.batches,
+        return {"status": "ok", "ready": batcher.ready, "model": name, "max_batch": batcher.max_batch,
+                "batches": s.batches,
                 "rows": s.rows, "last_batch_rows": s.last_batch_rows, "completion_tokens": s.tokens,
                 "steps": s.steps, "running_rows": batcher.batch.rows, "queued": batcher.queue.qsize()}
 

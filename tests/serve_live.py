@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from leangpt.checkpoint import load_checkpoint
@@ -52,8 +53,10 @@ def live(app) -> Iterator[str]:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start")
         time.sleep(0.02)
+    url = f"http://127.0.0.1:{server.config.port}"
+    wait_for(lambda: httpx.get(f"{url}/health").json()["ready"], timeout=60)  # warmed up: timings are the steps'
     try:
-        yield f"http://127.0.0.1:{server.config.port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(30)
