@@ -38,7 +38,8 @@ class Overloaded(Exception):
 
 @dataclass
 class Job:
-    """One prompt (one choice) of a request; the worker reports on the request's event queue, tagged with index."""
+    """One prompt (one choice) of a request. The worker reports on the request's event queue (through the
+    Outbox), tagged with index: ("text", piece), ("done", result dict) or ("error", message)."""
     text: TextRequest
     index: int
     stream: bool
@@ -50,9 +51,29 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # when the worker emitted its first token
 
-    def emit(self, kind: str, value: Any) -> None:
-        """("text", piece), ("done", result dict) or ("error", message); called from the worker thread."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
+
+class Outbox:
+    """What the worker reports during a step, handed to each event loop in one call when the step is done
+    (one wake-up of the loop a step, not one a piece)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Job, str, Any]] = []
+
+    def put(self, job: Job, kind: str, value: Any) -> None:
+        self.items.append((job, kind, value))
+
+    def flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[int, str, Any]]]] = {}
+        for job, kind, value in self.items:
+            by_loop.setdefault(job.loop, []).append((job.events, (job.index, kind, value)))
+        self.items = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple[int, str, Any]]]) -> None:
+    for events, item in items:
+        events.put_nowait(item)
 
 
 @dataclass
@@ -84,6 +105,7 @@ class _Steps:
             b.stats.steps += 1
             b.first_tokens(tokens)
             yield tokens
+            b.outbox.flush()  # the step's pieces and results
             for row, job in b.jobs.items():
                 if job.cancelled:
                     b.batch.stop(row)
@@ -108,6 +130,7 @@ class Batcher:
         self.submitted = 0  # jobs ever submitted (event-loop thread only)
         self.stats = BatchStats()
         self.jobs: dict[int, Job] = {}  # the batch's rows, by row id
+        self.outbox = Outbox()
         self.texts: dict[int, TextRequest] = {}
         self.closing = False
         self.ready = False  # warmed up: requests no longer wait for first-use compilation
@@ -175,10 +198,11 @@ class Batcher:
             except Exception as e:  # a bug: fail the running requests, keep serving
                 log.exception("a step of %d rows failed", self.batch.rows)
                 for job in self.jobs.values():
-                    job.emit("error", f"generation failed ({type(e).__name__})")
+                    self.outbox.put(job, "error", f"generation failed ({type(e).__name__})")
                 self.batch.clear()
                 self.jobs.clear()
                 self.texts.clear()
+            self.outbox.flush()
 
     def admit(self) -> None:
         """Move waiting jobs into the free rows (skipping those already abandoned); on the closing mark, end
@@ -211,7 +235,7 @@ class Batcher:
     def _send(self, row: int, piece: str) -> None:
         job = self.jobs[row]
         if job.stream and not job.cancelled:
-            job.emit("text", piece)
+            self.outbox.put(job, "text", piece)
 
     def _done(self, row: int, result: dict[str, Any]) -> None:
         job, _ = self.jobs.pop(row), self.texts.pop(row)
@@ -222,4 +246,4 @@ class Batcher:
         m.prompt_tokens.inc(len(job.request.prompt))
         m.completion_tokens.inc(result["tokens"])
         m.latency.observe(now - job.arrived)
-        job.emit("done", result)
+        self.outbox.put(job, "done", result)

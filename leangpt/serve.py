@@ -340,6 +340,8 @@ async def _next_event(events: asyncio.Queue, deadline: float | None,
                       gone: asyncio.Future | None = None) -> tuple[int, str, Any]:
     """The next (index, kind, value) from the worker; RequestTimeout past the deadline, ClientGone if `gone`
     finishes first."""
+    if not events.empty() and (deadline is None or time.monotonic() < deadline):
+        return events.get_nowait()  # the worker reports a whole step at once: most events are already here
     get = asyncio.ensure_future(events.get())
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     done, _ = await asyncio.wait({get} if gone is None else {get, gone}, timeout=timeout,
