@@ -160,7 +160,7 @@ def test_lm_eval_local_completions_agrees_with_in_process(tiny_checkpoint, tmp_p
                             log_samples=True, bootstrap_iters=0)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "leangpt", "serve", "--model", str(tiny_checkpoint), "--port",
-                             str(port), "--model-name", NAME, "--no-compile"], stdout=subprocess.PIPE,
+                             str(port), "--model-name", NAME], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             cwd=Path(__file__).parents[1])
     try:
