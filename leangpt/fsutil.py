@@ -21,15 +21,28 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory")
-    # Fail now, not after hours of work, if the parent cannot hold the output.
+    check_parent_writable(out)
+    return out
+
+
+def check_output_file(out: Path, overwrite: bool) -> None:
+    """Refuse an existing file unless overwrite, a directory, or a place that cannot hold a new file."""
+    if out.is_dir():
+        raise UserError(f"output {out} is a directory, not a file")
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+    check_parent_writable(out)
+
+
+def check_parent_writable(out: Path) -> None:
+    """Fail now, not after hours of work, if the nearest existing parent cannot hold the output."""
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write {out}: {parent} is a file, not a directory")
             if not os.access(parent, os.W_OK):
                 raise UserError(f"cannot write {out}: {parent} is not writable")
-            break
-    return out
+            return
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

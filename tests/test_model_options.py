@@ -93,18 +93,24 @@ def test_qwen3_dirs_written_by_transformers_round_trip(tmp_path, variant):
     ref.save_pretrained(tmp_path / "hf")
     model = load_model(tmp_path / "hf")
     assert hf.hf_model_type(model.config) == "qwen3" and model.config.head_dim == cfg.head_dim
-    x = torch.randint(0, 256, (2, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=0)
-    # Saved again by leangpt: the same config values and the same tensors, bit for bit.
-    (tmp_path / "ours").mkdir()
-    write_hf_dir(model, tmp_path / "ours")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    again = assert_same_logits_and_saved_again(model, ref, tmp_path)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "attention_bias"):
         assert getattr(again.config, key) == getattr(ref.config, key), key
+
+
+def assert_same_logits_and_saved_again(model, ref, tmp_path):
+    """leangpt's logits equal transformers'; saved again by leangpt, the directory holds the same tensors bit for
+    bit. Returns the re-saved directory as transformers loads it."""
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=0)
+    (tmp_path / "ours").mkdir()
+    write_hf_dir(model, tmp_path / "ours")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     theirs, ours = ref.state_dict(), again.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    return again
 
 
 def test_nanochat_dir_written_by_transformers_round_trips(tmp_path):
@@ -114,14 +120,7 @@ def test_nanochat_dir_written_by_transformers_round_trips(tmp_path):
     ref.save_pretrained(tmp_path / "hf")
     model = load_model(tmp_path / "hf")
     assert model.config.logit_softcap == 15.0 and not model.config.norm_weight and model.config.embed_norm
-    x = torch.randint(0, 256, (2, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=0)
-    (tmp_path / "ours").mkdir()
-    write_hf_dir(model, tmp_path / "ours")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    theirs, ours = ref.state_dict(), again.state_dict()
-    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert_same_logits_and_saved_again(model, ref, tmp_path)
 
 
 @pytest.mark.parametrize("options", [{"mlp": "relu2"}, {**LLAMA, "mlp": "relu2"}, {**QWEN3, "bias": True},

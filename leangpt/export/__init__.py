@@ -20,7 +20,7 @@ from leangpt.cli import setting
 from leangpt.errors import UserError
 from leangpt.export import gguf_file, onnx_graph
 from leangpt.export.source import read_source
-from leangpt.fsutil import atomic_dir, check_output_dir
+from leangpt.fsutil import atomic_dir, check_output_dir, check_output_file
 
 GGUF_TYPES = ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1")
 ONNX_TYPES = ("auto", "f32", "int8")
@@ -47,21 +47,6 @@ class ExportSettings:
         if self.type not in allowed:
             raise UserError(f"--type {self.type} does not apply to --format {self.format}; "
                             f"choose from {', '.join(allowed)}")
-
-
-def check_output_file(out: Path, overwrite: bool) -> None:
-    """Refuse an existing file unless overwrite, a directory, or a place that cannot hold a new file."""
-    if out.is_dir():
-        raise UserError(f"output {out} is a directory; --format gguf writes one file")
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write {out}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK):
-                raise UserError(f"cannot write {out}: {parent} is not writable")
-            return
 
 
 def _export_gguf(s: ExportSettings) -> dict[str, Any]:
