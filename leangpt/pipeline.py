@@ -1,5 +1,6 @@
 """`leangpt pipeline`: the main job. prepare → train → variants (int8, GPTQ int4, structured prune, distilled
-student) → eval and bench of every variant → a sample → RUN/report.md and RUN/report.json.
+student) → eval (bits per byte, KL, shakespeare-lambada) and bench of every variant → GGUF exports timed in
+llama.cpp on the same weights → a sample → RUN/report.md and RUN/report.json.
 
 Every stage is the real command run in this process (its library function or its main(argv) with --json),
 writing into a temporary directory that is renamed to RUN/<stage> when it is complete; RUN/pipeline.json
@@ -9,6 +10,7 @@ records each finished stage, so `--resume` skips those and runs the rest.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shlex
@@ -19,14 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from leangpt import cli, distributed, machine, report
 from leangpt.bench import BenchSettings, bench
 from leangpt.checkpoint import read_meta
 from leangpt.config import ModelConfig
+from leangpt.data import lambada
 from leangpt.data.prepare import PrepareSettings, prepare
 from leangpt.distill import DistillSettings, distill
 from leangpt.errors import UserError
-from leangpt.evaluate import EvalSettings, evaluate
+from leangpt.evaluate import EvalSettings, evaluate, paired_difference
+from leangpt.export import ExportSettings, export
+from leangpt.export.runtimes import gguf_speed, llama_cpp_version
 from leangpt.fsutil import atomic_dir, atomic_write_text, check_output_dir, read_json
 from leangpt.generate import GenerateSettings, generate
 from leangpt.prune import PruneSettings, prune, recovery_defaults
@@ -85,6 +92,14 @@ class DistillStageConfig:
 class EvalConfig:
     max_tokens: int | None = 65536  # val tokens scored per variant; None: the whole split
     batch_size: int = 8
+    lambada_passages: int = lambada.PASSAGES  # shakespeare-lambada passages per variant; 0 skips the task
+
+
+@dataclass
+class ExportConfig:
+    gguf: bool = True  # GGUF files for llama.cpp: every variant it runs, as stored, and the dense model requantized
+    dense_types: list[str] = field(default_factory=lambda: ["q8_0", "q4_0"])  # the dense model's requantized files
+    llama_cpp: bool = True  # llama.cpp's speed on every file, as bench times leangpt (needs llama-cpp-python)
 
 
 @dataclass
@@ -119,6 +134,7 @@ class PipelineConfig:
     distill: DistillStageConfig = field(default_factory=DistillStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -139,6 +155,9 @@ class PipelineConfig:
             (self.distill.max_steps >= 1, "distill.max_steps must be >= 1"),
             (self.eval.max_tokens is None or self.eval.max_tokens >= 2, "eval.max_tokens must be >= 2"),
             (self.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+            (self.eval.lambada_passages >= 0, "eval.lambada_passages must be >= 0"),
+            (set(self.export.dense_types) <= {"f16", "q8_0", "q4_0", "q4_1"},
+             "export.dense_types must be among f16, q8_0, q4_0, q4_1 (the dense model's f32 file is always written)"),
             (bool(self.bench.batches) and min(self.bench.batches) >= 1, "bench.batches must be >= 1"),
             (min(self.bench.prompt_tokens, self.bench.new_tokens, self.bench.repeats) >= 1,
              "bench.prompt_tokens, bench.new_tokens and bench.repeats must be >= 1"),
@@ -296,8 +315,28 @@ def eval_settings(cfg: EvalConfig, device: str, model: Path, data: Path, referen
                         reference=reference, device=device, progress=False)
 
 
+def lambada_settings(cfg: EvalConfig, device: str, model: Path, data: Path) -> EvalSettings:
+    """The `leangpt eval --tasks shakespeare-lambada` settings for one variant, per-passage values kept."""
+    return EvalSettings(model=model, data=data, tasks=[lambada.TASK], lambada_passages=cfg.lambada_passages,
+                        batch_size=cfg.batch_size, log_samples=True, device=device, progress=False)
+
+
+def lambada_scores(result: dict[str, Any], dense: dict[str, list[float]] | None) -> dict[str, Any]:
+    """Accuracy and word perplexity with their stderrs; beside the dense model, the paired differences of
+    accuracy and of the target word's log-likelihood over the same passages, which tell variants apart far
+    better than the stderrs of each."""
+    metrics, samples = result["tasks"][lambada.TASK], result["samples"][lambada.TASK]
+    out = {k: metrics[k] for k in ("acc", "acc_stderr", "perplexity", "perplexity_stderr")}
+    out["passages"] = len(samples["acc"])
+    if dense is not None:
+        out["acc_vs_dense"] = paired_difference(samples["acc"], dense["acc"])
+        out["loglik_vs_dense"] = paired_difference(samples["perplexity"], dense["perplexity"])  # nats per word
+    return out
+
+
 def stage_eval(cfg: EvalConfig, device: str, models: dict[str, Path], data: Path) -> Callable[[Path], dict[str, Any]]:
-    """`leangpt eval` of every variant; the others also take the dense model as reference (KL, top-1 agreement)."""
+    """`leangpt eval` of every variant; the others also take the dense model as reference (KL, top-1 agreement);
+    then shakespeare-lambada for each (where lm-eval is installed)."""
     def run(tmp: Path) -> dict[str, Any]:
         results = {}
         for name, path in models.items():
@@ -305,7 +344,21 @@ def stage_eval(cfg: EvalConfig, device: str, models: dict[str, Path], data: Path
             results[name] = evaluate(eval_settings(cfg, device, path, data, None if name == "dense" else models["dense"]))
             cli.log(f"pipeline: eval {name}: bits/byte {results[name]['bits_per_byte']:.4f} "
                     f"({time.perf_counter() - t0:.1f}s)")
-            (tmp / f"{name}.json").write_text(json.dumps(results[name], indent=2))
+        if cfg.lambada_passages:
+            lambada_skipped = None if importlib.util.find_spec("lm_eval") else "lm-eval is not installed"
+            dense_samples = None
+            for name, path in models.items():
+                if lambada_skipped:
+                    results[name]["lambada"] = {"skipped": lambada_skipped}
+                    continue
+                t0 = time.perf_counter()
+                task = evaluate(lambada_settings(cfg, device, path, data))
+                results[name]["lambada"] = lambada_scores(task, dense_samples)
+                dense_samples = dense_samples or task["samples"][lambada.TASK]
+                cli.log(f"pipeline: {lambada.TASK} {name}: accuracy {results[name]['lambada']['acc']:.3f} "
+                        f"({time.perf_counter() - t0:.1f}s)")
+        for name, result in results.items():
+            (tmp / f"{name}.json").write_text(json.dumps(result, indent=2))
         return results
     return run
 
@@ -321,6 +374,55 @@ def stage_bench(cfg: BenchConfig, device: str, models: dict[str, Path]) -> Calla
         out: dict[str, Any] = {name: {} for name in models}
         for r in records:
             out[by_path[r["model"]]][str(r["batch"])] = r
+        return out
+    return run
+
+
+def gguf_files(cfg: ExportConfig, models: dict[str, Path]) -> dict[str, tuple[str, str]]:
+    """The GGUF files of the export stage, {file name: (variant, type)}: each variant as stored (a float one as
+    f32, a quantized one with its own integers: the same weights), then the dense model requantized."""
+    files = {f"{name}.gguf": (name, "auto") for name in models}
+    files.update({f"dense-{t}.gguf": ("dense", t) for t in cfg.dense_types})
+    return files
+
+
+def stage_export(cfg: ExportConfig, models: dict[str, Path]) -> Callable[[Path], dict[str, Any]]:
+    """`leangpt export --format gguf` of every variant llama.cpp can run; the others record why not."""
+    def run(tmp: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for file_name, (name, type_name) in gguf_files(cfg, models).items():
+            try:
+                result = export(ExportSettings(model=models[name], format="gguf", out=tmp / file_name,
+                                               type=type_name, progress=False))
+            except UserError as e:  # an architecture llama.cpp cannot run, e.g. per-layer pruned widths
+                out[file_name] = {"variant": name, "refused": str(e)}
+                continue
+            out[file_name] = {"variant": name, "same_weights": type_name == "auto", "type": result["type"],
+                              "size_mb": result["size_bytes"] / 1e6, "kept_integers": result["kept_integers"],
+                              "requantized": len(result["requantized"])}
+        return out
+    return run
+
+
+def stage_llama_cpp(cfg: BenchConfig, files: dict[str, Any], export_dir: Path) -> Callable[[Path], dict[str, Any]]:
+    """llama.cpp's prefill and decode speed on every GGUF file at bench's batches, timed as bench times leangpt
+    (greedy, random prompts, one warm-up, median of the repeats), on as many threads as leangpt's bench."""
+    def run(tmp: Path) -> dict[str, Any]:
+        version = llama_cpp_version()
+        if version is None:
+            return {"skipped": 'llama-cpp-python is not installed (pip install -e ".[llamacpp]")'}
+        threads = cfg.threads or torch.get_num_threads()
+        out: dict[str, Any] = {"runtime": f"llama.cpp (llama-cpp-python {version})", "threads": threads, "files": {}}
+        for file_name, record in files.items():
+            if "refused" in record:
+                continue
+            speeds = {str(b): gguf_speed(export_dir / file_name, b, cfg.prompt_tokens, cfg.new_tokens, threads,
+                                         cfg.repeats) for b in cfg.batches}
+            out["files"][file_name] = speeds
+            first = speeds[str(cfg.batches[0])]
+            cli.log(f"pipeline: llama.cpp {file_name}: decode {first['decode_tokens_per_s']} tok/s at batch "
+                    f"{cfg.batches[0]}")
+        (tmp / "results.json").write_text(json.dumps(out, indent=2))
         return out
     return run
 
@@ -364,6 +466,10 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, resume
     models = {name: run.path(name) for name in cfg.variants()}
     run.stage("eval", stage_eval(cfg.eval, cfg.device, models, data))
     run.stage("bench", stage_bench(cfg.bench, cfg.device, models))
+    if cfg.export.gguf:
+        files = run.stage("export", stage_export(cfg.export, models))
+        if cfg.export.llama_cpp:
+            run.stage("llamacpp", stage_llama_cpp(cfg.bench, files, run.path("export")))
     run.stage("sample", stage_sample(cfg.sample, cfg.device, dense))
     results = {
         "command": command, "out": str(out), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
@@ -376,6 +482,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, overwrite: bool = False, resume
                             "eval": run.state["stages"]["eval"]["result"][name],
                             "bench": run.state["stages"]["bench"]["result"][name]} for name in models},
         "sample": run.state["stages"]["sample"]["result"],
+        "gguf": run.state["stages"].get("export", {}).get("result"),
+        "llama_cpp": run.state["stages"].get("llamacpp", {}).get("result"),
     }
     write_report(out, results, cfg.report.plot)
     return results

@@ -10,7 +10,7 @@ import yaml
 
 STAGE_COMMANDS = {"data": "`prepare`", "dense": "`train`", "int8": "`quantize`", "gptq-int4": "`quantize`",
                   "pruned": "`prune`", "distilled": "`distill`", "eval": "`eval`", "bench": "`bench`",
-                  "sample": "`generate`"}
+                  "export": "`export`", "llamacpp": "llama-cpp-python", "sample": "`generate`"}
 
 
 def _f(value: Any, fmt: str) -> str:
@@ -60,7 +60,9 @@ def variant_table(results: dict[str, Any]) -> str:
     first = str(batches[0])
     head = (["variant", "params", "size MB", "bits/byte", "perplexity", "KL vs dense", "top-1 = dense"]
             + [f"decode tok/s b{b}" for b in batches]
-            + [f"prefill tok/s b{first}", f"TTFT ms b{first}", "peak MB"])
+            + [f"prefill tok/s b{first}", f"TTFT ms b{first}", "peak MB", "lambada acc",
+               f"llama.cpp decode tok/s b{first}"])
+    own_files = same_weight_files(results)
     rows = []
     for name, v in results["variants"].items():
         e, bench = v["eval"], v["bench"]
@@ -73,10 +75,84 @@ def variant_table(results: dict[str, Any]) -> str:
             _f(b0.get("prefill_tokens_per_s"), ",.0f"),
             _f(b0.get("time_to_first_token_s") and 1000 * b0["time_to_first_token_s"], ".1f"),
             _f(max((r["peak_memory_mb"] for r in bench.values()), default=None), ",.0f"),
+            _percent(e.get("lambada", {}).get("acc")),
+            _f(llama_cpp_speed(results, own_files.get(name), first), ",.1f"),
         ])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def same_weight_files(results: dict[str, Any]) -> dict[str, str]:
+    """{variant: its GGUF file exported as stored}: the same weights in llama.cpp."""
+    return {r["variant"]: name for name, r in (results.get("gguf") or {}).items() if r.get("same_weights")}
+
+
+def llama_cpp_speed(results: dict[str, Any], file_name: str | None, batch: str) -> float | None:
+    files = (results.get("llama_cpp") or {}).get("files", {})
+    return files.get(file_name, {}).get(batch, {}).get("decode_tokens_per_s")
+
+
+def lambada_section(results: dict[str, Any]) -> list[str]:
+    """shakespeare-lambada per variant: accuracy and word perplexity with stderrs, and the paired differences
+    from the dense model over the same passages."""
+    scores = {name: v["eval"].get("lambada") for name, v in results["variants"].items()}
+    if not any(scores.values()):
+        return []
+    out = ["## shakespeare-lambada", ""]
+    skipped = next((s["skipped"] for s in scores.values() if s and "skipped" in s), None)
+    if skipped:
+        return out + [f"Not run: {skipped} (`pip install 'leangpt[eval]'`).", ""]
+    passages = next(s["passages"] for s in scores.values() if s)
+    out += [f"The last word of {passages} passages of the val split, predicted from the passage (`leangpt eval "
+            f"--tasks shakespeare-lambada`): accuracy of the greedy word and perplexity of the word, ± their "
+            f"stderr; beside the dense model, the paired differences over the same passages (± stderr), which "
+            f"separate variants whose own stderrs overlap.", "",
+            "| variant | accuracy | word perplexity | Δ accuracy vs dense | Δ word log-likelihood vs dense (nats) |",
+            "|---|---|---|---|---|"]
+    for name, s in scores.items():
+        acc, ll = s.get("acc_vs_dense"), s.get("loglik_vs_dense")
+        out.append(f"| {name} | {_percent(s['acc'])} ± {_percent(s['acc_stderr'])} | {_f(s['perplexity'], ',.1f')} ± "
+                   f"{_f(s['perplexity_stderr'], ',.1f')} | "
+                   + ("—" if acc is None else f"{100 * acc['mean']:+.1f} ± {100 * acc['stderr']:.1f} pts") + " | "
+                   + ("—" if ll is None else f"{ll['mean']:+.4f} ± {ll['stderr']:.4f}") + " |")
+    return out + [""]
+
+
+def llama_cpp_section(results: dict[str, Any]) -> list[str]:
+    """Every GGUF file of the run in llama.cpp, beside leangpt's speed on the same weights where it has them."""
+    files, peer = results.get("gguf"), results.get("llama_cpp")
+    if not files:
+        return []
+    batches = [str(b) for b in sorted(int(b) for b in results["config"]["bench"]["batches"])]
+    if peer and "files" in peer:
+        timing = (f"timed in {peer['runtime']} on {peer['threads']} threads as `leangpt bench` times leangpt "
+                  f"(greedy, the same prompt and new tokens, median of the same repeats)")
+    else:
+        timing = ("not timed: " + peer["skipped"] if peer else "not timed (export.llama_cpp: false)")
+    out = ["## llama.cpp on the same weights", "",
+           f"`leangpt export --format gguf` of each variant into RUN/export, {timing}. A variant's own file holds its "
+           f"weights unchanged (int8 as q8_0, int4 as q4_1, only the scales rounded to fp16); the dense-TYPE "
+           f"files are the dense model requantized by the export into llama.cpp's own formats, with no leangpt "
+           f"counterpart of the same weights.", "",
+           "| GGUF file | type | size MB | " + " | ".join(f"llama.cpp decode tok/s b{b} | leangpt ÷ llama.cpp b{b}"
+                                                      for b in batches) + " |",
+           "|---|---|---|" + "---|---|" * len(batches)]
+    for name, r in files.items():
+        if "refused" in r:
+            out.append(f"| {name} | not exported: {r['refused']} |" + " |" * (1 + 2 * len(batches)))
+            continue
+        bench = results["variants"][r["variant"]]["bench"] if r["same_weights"] else {}
+        cells = []
+        for b in batches:
+            theirs, ours = llama_cpp_speed(results, name, b), bench.get(b, {}).get("decode_tokens_per_s")
+            cells += [_f(theirs, ",.1f"), f"{ours / theirs:.2f}×" if ours and theirs else "—"]
+        out.append(f"| {name} | {r['type']} | {r['size_mb']:.2f} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def busy_note(results: dict[str, Any]) -> str:
@@ -111,8 +187,9 @@ def markdown(results: dict[str, Any]) -> str:
     out += [f"- **{name}**: {describe(name, v, config)}" for name, v in results["variants"].items()]
     if results.get("plot"):
         out += ["", f"![bits per byte against decode speed]({results['plot']})"]
+    out += [""] + lambada_section(results) + llama_cpp_section(results)
     sample = results["sample"]
-    out += ["", "## Sample from the dense model", "",
+    out += ["## Sample from the dense model", "",
             f"Prompt `{sample['prompt']}`, temperature {config['sample']['temperature']}, "
             f"seed {config['sample']['seed']}, {sample['tokens']} tokens:", "",
             "```text", sample["prompt"] + sample["text"], "```", ""]

@@ -42,7 +42,7 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
     out, results = tiny_run
     variants = ["dense", "int8", "gptq-int4", "pruned", "distilled"]
     assert list(results["variants"]) == variants
-    for stage in [*variants, "data", "eval", "bench", "sample"]:
+    for stage in [*variants, "data", "eval", "bench", "export", "llamacpp", "sample"]:
         assert (out / stage).is_dir(), stage
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary dirs left behind
     assert json.loads((out / "report.json").read_text()) == results
@@ -56,10 +56,47 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
     sizes = {n: v["bench"]["1"]["size_mb"] for n, v in results["variants"].items()}
     assert sizes["gptq-int4"] < sizes["int8"] < sizes["dense"]
     assert results["sample"]["text"] and results["sample"]["prompt"] == "The king"
-    assert set(results["stages"]) == {*variants, "data", "eval", "bench", "sample"}
+    assert set(results["stages"]) == {*variants, "data", "eval", "bench", "export", "llamacpp", "sample"}
     # A nested model override reaches the model, converted from text to an int (--set train.model.n_layer=3).
     assert json.loads((out / "dense" / "config.json").read_text())["n_layer"] == 3
     assert len(results["load_average_start"]) == 3 and results["machine"]["cores"] >= 1
+
+
+def test_every_variant_llama_cpp_runs_is_exported_and_timed(tiny_run):
+    out, results = tiny_run
+    files = results["gguf"]
+    assert set(files) == {"dense.gguf", "dense-q8_0.gguf", "int8.gguf", "gptq-int4.gguf", "pruned.gguf",
+                          "distilled.gguf"}
+    assert files["dense.gguf"]["type"] == "f32" and files["dense-q8_0.gguf"]["type"] == "q8_0"
+    # The quantized variants go to llama.cpp with their own integers: the same weights, nothing requantized.
+    for name, gguf_type in (("int8.gguf", "q8_0"), ("gptq-int4.gguf", "q4_1")):
+        assert files[name]["type"] == gguf_type and files[name]["same_weights"] and not files[name]["requantized"]
+    timed = [name for name, r in files.items() if "refused" not in r]
+    assert {"dense.gguf", "int8.gguf", "gptq-int4.gguf"} <= set(timed)
+    assert all((out / "export" / name).stat().st_size > 0 for name in timed)
+    peer = results["llama_cpp"]  # llama-cpp-python is part of the test set-up: skipping is not passing
+    assert set(peer["files"]) == set(timed)
+    for name in timed:
+        assert peer["files"][name]["1"]["decode_tokens_per_s"] > 0
+    report_md = (out / "report.md").read_text()
+    assert "## llama.cpp on the same weights" in report_md
+    int8_row = next(line for line in report_md.splitlines() if line.startswith("| int8 |"))
+    assert f"| {peer['files']['int8.gguf']['1']['decode_tokens_per_s']:,.1f} |" in int8_row
+
+
+def test_lambada_is_what_eval_gives_and_paired_with_dense(tiny_run):
+    out, results = tiny_run
+    cfg = pipeline.load_config(TINY, [])
+    dense = evaluate(pipeline.lambada_settings(cfg.eval, "auto", out / "dense", out / "data"))
+    expected = pipeline.lambada_scores(dense, None)
+    assert results["variants"]["dense"]["eval"]["lambada"] == pytest.approx(expected)
+    assert expected["passages"] == 20
+    for name, v in results["variants"].items():
+        scores = v["eval"]["lambada"]
+        assert 0 <= scores["acc"] <= 1 and scores["perplexity"] > 1
+        assert ("loglik_vs_dense" in scores) == (name != "dense")
+    report_md = (out / "report.md").read_text()
+    assert "## shakespeare-lambada" in report_md and "Δ word log-likelihood vs dense" in report_md
 
 
 def test_report_numbers_are_what_eval_gives(tiny_run, capsys):
@@ -153,7 +190,7 @@ def test_table_has_a_decode_column_per_batch(tiny_run):
         v["bench"]["8"] = {**v["bench"]["1"], "batch": 8, "decode_tokens_per_s": 1234.5, "peak_memory_mb": 99999.0}
     lines = report.variant_table(results).splitlines()
     assert "| decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | TTFT ms b1 | peak MB |" in lines[0]
-    assert all(line.endswith("| 99,999 |") and "| 1,234.5 |" in line for line in lines[2:])
+    assert all("| 99,999 |" in line and "| 1,234.5 |" in line for line in lines[2:])
     assert len(lines) == 2 + len(results["variants"])
 
 
