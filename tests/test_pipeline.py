@@ -210,3 +210,17 @@ def test_interrupted_training_stops_the_pipeline(tmp_path, corpus_dir, monkeypat
     assert (out / "data").is_dir() and not (out / "dense").exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert list(json.loads((out / "pipeline.json").read_text())["stages"]) == ["data"]
+
+
+def test_report_says_what_was_not_installed(tiny_run):
+    _, results = tiny_run
+    results = json.loads(json.dumps(results))
+    results["llama_cpp"] = {"skipped": "llama-cpp-python is not installed"}
+    for v in results["variants"].values():
+        v["eval"]["lambada"] = {"skipped": "lm-eval is not installed"}
+    text = report.markdown(results)
+    assert "not timed: llama-cpp-python is not installed" in text
+    assert "Not run: lm-eval is not installed" in text
+    assert "| int8.gguf | q8_0 |" in text  # the files are still listed
+    row = next(line for line in report.variant_table(results).splitlines() if line.startswith("| int8 |"))
+    assert row.endswith("| — | — |")  # no lambada accuracy, no llama.cpp speed
