@@ -1,8 +1,9 @@
 """Sampling: next-token logits to token ids for a batch of requests that each carry their own settings.
 
 Per-row settings become (B, 1) tensors once per batch, so a step is a few tensor ops with no host sync.
-Sampling uses the exponential-race form of a categorical draw, argmax(p / E) with E ~ Exp(1) (gpt-fast), with
-noise from each row's own generator: a row's text depends on its seed, not on the other rows of the batch.
+A categorical draw is an inverse-CDF lookup with one uniform per row from the row's own generator: a row's
+text depends on its seed, not on the other rows of the batch, and a step draws B numbers, not B x V (the
+exponential race argmax(p / E), E ~ Exp(1), needs a vocabulary of noise per row: 13x slower at 16 rows).
 """
 
 from __future__ import annotations
@@ -125,10 +126,13 @@ class Sampler:
         return torch.where(self.greedy[:, None], onehot, x.softmax(-1))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token per row (B,) from probabilities (B, V), with each row's own generator."""
-        noise = torch.stack([torch.empty(probs.size(-1), device=self.device).exponential_(generator=g)
-                             for g in self.generators])  # (B, V)
-        return (probs / noise).argmax(-1)
+        """One token per row (B,) from probabilities (B, V), with each row's own generator: the first token whose
+        cumulative probability reaches a uniform point of the row's total mass."""
+        u = torch.cat([torch.rand(1, device=self.device, generator=g) for g in self.generators])  # (B,)
+        cdf = probs.float().cumsum(-1)  # non-decreasing, also after rounding: the terms are >= 0
+        # (1 - u) is in (0, 1]: the point is > 0, so a token of probability 0 is never the first to reach it.
+        point = (1 - u)[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, point).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Next tokens (B,) from logits (B, V)."""

@@ -267,6 +267,22 @@ def test_draws_follow_the_distribution():
     assert not math.isclose(counts[0].item() / n, 1 / V, abs_tol=0.05)
 
 
+def test_draws_never_pick_a_zero_probability_token_and_rows_keep_their_own_seed():
+    V = 9
+    probs = torch.zeros(3, V)
+    probs[0, 0] = 0.0  # leading, trailing and inner zeros around the mass
+    probs[0, [2, 5]] = torch.tensor([0.5, 0.5])
+    probs[1, -1] = 1.0
+    probs[2, 1:4] = 1 / 3
+    sampler = Sampler([SamplingConfig()] * 3, [1, 2, 3], [[0]] * 3, V, torch.device("cpu"))
+    draws = torch.stack([sampler.draw(probs) for _ in range(2000)])  # (n, 3)
+    assert set(draws[:, 0].tolist()) == {2, 5} and set(draws[:, 1].tolist()) == {8}
+    assert set(draws[:, 2].tolist()) == {1, 2, 3}
+    # Row 0's draws depend on its seed only, not on the rows beside it.
+    alone = Sampler([SamplingConfig()], [1], [[0]], V, torch.device("cpu"))
+    assert torch.equal(torch.stack([alone.draw(probs[:1]) for _ in range(2000)])[:, 0], draws[:, 0])
+
+
 def test_decode_linears_change_kernels_only():
     model, ref = tiny(), tiny()
     use_decode_linears(model)
