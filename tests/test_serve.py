@@ -103,7 +103,10 @@ def test_streaming_reassembles_seeds_repeat(served):
     chunks = sse(client, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
     pieces = [c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None]
     finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    assert "".join(pieces) == whole["text"] and len(pieces) > 1 and not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == whole["text"] and len(pieces) > 1
+    # No character split across chunks: a piece holds no replacement character that the whole text lacks (a
+    # tiny model can sample an invalid byte sequence itself).
+    assert sum(p.count("\ufffd") for p in pieces) == whole["text"].count("\ufffd")
     assert finals == [whole["finish_reason"]]
     assert chunks[-1]["usage"]["completion_tokens"] == complete(client, **body)["usage"]["completion_tokens"]
 
