@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from leangpt.compile_cache import enable_compile_cache
 from leangpt.cpu_linear import use_decode_linears
 from leangpt.errors import UserError
 from leangpt.sampling import Sampler, SamplingConfig, token_logprobs
@@ -50,11 +51,13 @@ def check_request(req: Request, block_size: int) -> None:
 
 
 def _compile_errors() -> tuple[type[Exception], ...]:
-    """What a failed compilation raises (imported only when compiling)."""
-    from torch._dynamo.exc import TorchDynamoException
+    """What a failed compilation raises (imported only when compiling). FailOnRecompileLimitHit: dynamo keeps
+    the graphs of one step function for every model compiled in the process, up to its recompile limit (8), so
+    a process that compiles many models falls back to eager for the later ones."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
     from torch._inductor.exc import InductorError
 
-    return TorchDynamoException, InductorError
+    return TorchDynamoException, InductorError, FailOnRecompileLimitHit
 
 
 class Engine:
@@ -71,6 +74,7 @@ class Engine:
         self.compile_error: str | None = None
         self._compiled_one = self._compiled_rows = None
         if compile:
+            enable_compile_cache()
             # A low realize threshold makes inductor store a normalised or activated input once instead of
             # recomputing it for every weight row of the next one-row product (cpu_linear.DecodeLinear); without
             # the generated code's size asserts (dynamo's guards check the inputs already) a batch-1 step takes
