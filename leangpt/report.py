@@ -110,8 +110,9 @@ def lambada_section(results: dict[str, Any]) -> list[str]:
     passages = next(s["passages"] for s in scores.values() if s)
     out += [f"The last word of {passages} passages of the val split, predicted from the passage (`leangpt eval "
             f"--tasks shakespeare-lambada`): accuracy of the greedy word and perplexity of the word, ± their "
-            f"stderr; beside the dense model, the paired differences over the same passages (± stderr), which "
-            f"separate variants whose own stderrs overlap.", "",
+            f"stderr; beside the dense model, the paired differences over the same passages (± stderr; a positive "
+            f"log-likelihood difference: the variant gives the right word more probability), which separate "
+            f"variants whose own stderrs overlap.", "",
             "| variant | accuracy | word perplexity | Δ accuracy vs dense | Δ word log-likelihood vs dense (nats) |",
             "|---|---|---|---|---|"]
     for name, s in scores.items():
