@@ -85,14 +85,15 @@ def test_a_failed_compile_decodes_eagerly_and_says_why(monkeypatch, tmp_path):
 def test_past_dynamos_recompile_limit_the_next_model_decodes_eagerly(monkeypatch, tmp_path):
     """Every model compiled in a process adds graphs to the same step function; past the limit, eager."""
     monkeypatch.setenv("LEANGPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     results = []
-    for width in (32, 48):
-        torch.manual_seed(0)
-        model = GPT(ModelConfig.from_preset("tiny", vocab_size=320, n_embd=width, n_head=2))
-        engine = Engine(model, compile=True)
-        results.append((_greedy(engine), _greedy(Engine(model)), engine.compile_error))
+    # dynamo's own patch: monkeypatch's undo would delete the setting from the config module for every later test
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for width in (32, 48):
+            torch.manual_seed(0)
+            model = GPT(ModelConfig.from_preset("tiny", vocab_size=320, n_embd=width, n_head=2))
+            engine = Engine(model, compile=True)
+            results.append((_greedy(engine), _greedy(Engine(model)), engine.compile_error))
     torch._dynamo.reset()
     assert results[0][2] is None and results[0][0] == results[0][1]
     (got, want, error), = results[1:]
