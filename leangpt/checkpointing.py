@@ -34,11 +34,11 @@ class Checkpointer:
         self.sharded, self.meta, self.run_state = sharded, meta, run_state
         self.out_is_ours = resumed  # out already holds this run: update it in place
 
-    def save(self, holder: torch.nn.Module, optimizer: torch.optim.Optimizer, model: GPT, state: dict[str, Any],
+    def save(self, holder: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model: GPT, state: dict[str, Any],
              history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
         """holder: every trained module (the model under "model."); state: the step's counters (step, ...)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        tensors, optim_state = get_state_dict(holder, optimizer, options=options)
+        tensors, optim_state = get_state_dict(holder, optimizers, options=options)
         rngs = self._rng_states()
         if self.world.is_main:
             full_state = {**state, "rng": rngs, **self.run_state}

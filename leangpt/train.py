@@ -40,7 +40,8 @@ from leangpt.perf import matmul_peak_flops, train_flops_per_token
 from leangpt.schedules import BATCH_SCHEDULES, LR_SCHEDULES, NoiseScale, learning_rate, noise_scale_accum, ramp_accum
 from leangpt.train_data import TrainData, data_fingerprint, load_data
 from leangpt.train_speed import apply_activation_checkpointing, compile_model, pick_precision
-from leangpt.train_step import LossFn, accumulate_gradients, clipped_step, configure_optimizer, lm_loss
+from leangpt.train_step import (OPTIMIZERS, LossFn, accumulate_gradients, clipped_step, configure_optimizer, lm_loss,
+                                schedule_optimizers)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 Settings = TypeVar("Settings", bound="TrainConfig")
@@ -66,9 +67,15 @@ class TrainConfig:
                                   choices=BATCH_SCHEDULES)
     ramp_tokens: int = setting(0, "ramp: tokens over which grad_accum grows from 1 to grad_accum")
     max_grad_accum: int = setting(64, "noise_scale: upper bound on grad_accum")
+    optimizer: str = setting("adamw", "adamw, or muon: Muon for the hidden matrices, AdamW for the rest",
+                             choices=OPTIMIZERS)
     weight_decay: float = setting(0.1, "AdamW weight decay (on matrices only)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
+    muon_lr: float = setting(0.02, "Muon's peak learning rate (the schedule scales it as it scales lr)")
+    muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum after its warmup")
+    muon_momentum_warmup: int = setting(300, "steps over which Muon's momentum rises from 0.85 to muon_momentum")
+    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay (times its lr)")
     grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
     dropout: float = setting(0.0, "dropout probability")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
@@ -104,6 +111,10 @@ class TrainConfig:
             (self.max_grad_accum >= self.grad_accum, "max_grad_accum must be >= grad_accum"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.muon_lr > 0 and self.muon_weight_decay >= 0, "muon_lr must be > 0 and muon_weight_decay >= 0"),
+            (0 <= self.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
+            (self.muon_momentum_warmup >= 0, "muon_momentum_warmup must be >= 0"),
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
@@ -122,6 +133,9 @@ class TrainConfig:
                 raise UserError(f"bad setting: {message}")
         if self.batch_schedule == "noise_scale" and self.parallel == "fsdp":
             raise UserError("bad setting: batch_schedule=noise_scale needs per-micro-batch gradients; use parallel=ddp")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise UserError("bad setting: optimizer=muon orthogonalises whole matrices, which FSDP shards; "
+                            "use parallel=ddp")
 
     @classmethod
     def from_settings(cls: type[Settings], settings: Any) -> Settings:
@@ -132,9 +146,11 @@ class TrainConfig:
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 20)
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, peak: float | None = None) -> float:
+        """The scheduled learning rate at step, for a peak of lr (or of another group's, e.g. muon_lr)."""
+        peak = self.lr if peak is None else peak
         decay = round(self.decay_fraction * self.max_steps)
-        return learning_rate(self.lr_schedule, step, self.max_steps, self.warmup, decay, self.lr, self.lr * self.min_lr_ratio)
+        return learning_rate(self.lr_schedule, step, self.max_steps, self.warmup, decay, peak, peak * self.min_lr_ratio)
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
@@ -164,7 +180,7 @@ class Run:
     wrapped: torch.nn.Module  # what loss_fn calls (the DDP wrapper, or the model)
     holder: torch.nn.ModuleDict  # every trained module: "model", and "aux" when given
     params: list[torch.nn.Parameter]  # the trainable ones
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # AdamW, and Muon with optimizer=muon
     data: TrainData
     checkpointer: Checkpointer
     peak_flops: float  # the measured matmul peak that MFU is reported against
@@ -182,7 +198,7 @@ class Run:
 
     def restore(self, tensors: dict[str, torch.Tensor], optim_state: dict[str, Any], state: dict[str, Any],
                 history: list[dict[str, Any]]) -> None:
-        set_state_dict(self.holder, self.optimizer, model_state_dict=tensors, optim_state_dict=optim_state,
+        set_state_dict(self.holder, self.optimizers, model_state_dict=tensors, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True))
         self.step, self.tokens_seen, self.train_time_s = state["step"], state["tokens_seen"], state["train_time_s"]
         if self.cfg.batch_schedule == "noise_scale":  # adapted so far; the other schedules follow cfg
@@ -194,7 +210,7 @@ class Run:
         train_state.restore_rng(rngs[self.world.rank % len(rngs)])
 
     def save(self, metrics: dict[str, Any]) -> None:
-        self.checkpointer.save(self.holder, self.optimizer, self.model, self.state(), self.history, metrics)
+        self.checkpointer.save(self.holder, self.optimizers, self.model, self.state(), self.history, metrics)
 
     def evaluate(self) -> dict[str, Any]:
         return self.data.score(self.model, self.cfg.eval_tokens)
@@ -326,7 +342,7 @@ def _start(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
                            cfg.sft_val_fraction)
     wrapped, holder = _prepare_model(model, aux_module, cfg, world, device, block_size, dtype)
     params = {n: p for n, p in holder.named_parameters() if p.requires_grad}
-    optimizer = configure_optimizer(params, cfg, device)
+    optimizers = configure_optimizer(params, cfg, device)
     meta = {"kind": "train", "parent": str(parent) if parent else None, "data": str(data),
             "train_config": dataclasses.asdict(cfg), **extra_meta}
     run_state = {"model_config": model.config.to_dict(), "data": fingerprint,
@@ -334,7 +350,7 @@ def _start(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
     checkpointer = Checkpointer(out, tokenizer, cfg.keep_last, world, world.distributed and cfg.parallel == "fsdp",
                                 meta, run_state, resumed=saved is not None)
     peak = matmul_peak_flops(device, dtype)  # measured before the seed below, so that it never moves the RNG
-    run = Run(cfg, world, device, dtype, block_size, model, wrapped, holder, list(params.values()), optimizer,
+    run = Run(cfg, world, device, dtype, block_size, model, wrapped, holder, list(params.values()), optimizers,
               train_data, checkpointer, peak, grad_accum=1 if cfg.batch_schedule == "ramp" else cfg.grad_accum)
     torch.manual_seed(cfg.seed + world.rank)  # dropout differs across ranks
     if saved is not None:
@@ -413,9 +429,7 @@ def _loop(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None, 
     interrupted = None
     with StopRequest() as stop:
         while run.step < cfg.max_steps:
-            lr = cfg.lr_at(run.step)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
+            lr = schedule_optimizers(run.optimizers, cfg, run.step)
             if cfg.batch_schedule == "ramp":
                 run.grad_accum = ramp_accum(run.tokens_seen, cfg.ramp_tokens, 1, cfg.grad_accum)
             t0 = time.perf_counter()
@@ -460,7 +474,7 @@ def _step(run: Run, loss_fn: LossFn, on_step_end: Callable[[GPT], None] | None,
                                               run.params if measure_noise else None)
     if "aux" in run.holder:
         distributed.average_grads(run.holder["aux"], world)
-    grad_norm, bad = clipped_step(run.optimizer, run.params, cfg.grad_clip)
+    grad_norm, bad = clipped_step(run.optimizers, run.params, cfg.grad_clip)
     if on_step_end is not None:
         on_step_end(run.model)
     bad_steps.add(bad)

@@ -1,7 +1,7 @@
 """`train_state/` inside a checkpoint dir: everything an exact resume needs, one sub-directory per saved step.
 
     train_state/step-00000040/  model.safetensors  (leangpt names, plus aux.* for an auxiliary module)
-                                optimizer.pt       (full, un-sharded AdamW state keyed by parameter name)
+                                optimizer.pt       (full, un-sharded optimizer state keyed by parameter name)
                                 state.json         (step, tokens seen, schedules, data position, RNG states, configs)
                                 metrics.jsonl      (the log so far)
 
@@ -149,6 +149,9 @@ def check_resumable(state: dict[str, Any], data: Path, fingerprint: dict[str, An
     if train_config["preset"] != saved_config["preset"]:
         raise UserError(f"--resume: model preset {train_config['preset']} differs from the saved run's "
                         f"{saved_config['preset']}; the model cannot change in a resumed run")
+    if train_config["optimizer"] != saved_config.get("optimizer", "adamw"):
+        raise UserError(f"--resume: optimizer {train_config['optimizer']} differs from the saved run's "
+                        f"{saved_config.get('optimizer', 'adamw')}; its state cannot continue another optimizer")
     changed = _first_difference(train_config["model"], saved_config["model"])
     if changed:
         raise UserError(f"--resume: model config differs from the saved run (model.{changed}); "

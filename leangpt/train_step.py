@@ -42,15 +42,50 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoo
     return token_loss(model(x), y, label_smoothing, z_loss)
 
 
-def configure_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases or norm scales).
+OPTIMIZERS = ("adamw", "muon")
+MUON_START_MOMENTUM = 0.85  # modded-nanogpt's: Muon's momentum warms up from here to muon_momentum
 
-    The fused kernel (CPU and CUDA) skips a step itself when `found_inf` is set, with no host sync.
+
+def muon_param_names(params: dict[str, torch.nn.Parameter]) -> list[str]:
+    """The hidden matrices Muon orthogonalises: the 2-D weights inside the transformer blocks. Embeddings, the
+    head, norms, biases and any auxiliary module stay with AdamW."""
+    return [name for name, p in params.items() if p.dim() == 2 and name.startswith("model.blocks.")]
+
+
+def configure_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig,
+                        device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices only (not on biases or norm scales); with optimizer=muon, torch's Muon
+    takes the hidden matrices and AdamW the rest. Each group keeps its peak lr as "base_lr" for the schedule.
+
+    The fused AdamW kernel (CPU and CUDA) skips a step itself when `found_inf` is set, with no host sync.
     """
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
+    muon_names = set(muon_param_names(params)) if cfg.optimizer == "muon" else set()
+    adam = {n: p for n, p in params.items() if n not in muon_names}
+    decay = [p for p in adam.values() if p.dim() >= 2]
+    no_decay = [p for p in adam.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+              {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))]
+    if muon_names:
+        hidden = [{"params": [params[n] for n in sorted(muon_names)], "base_lr": cfg.muon_lr}]
+        # "original" scales each matrix's lr by sqrt(max(1, rows / cols)), as Keller Jordan's Muon does
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                                           momentum=cfg.muon_momentum, adjust_lr_fn="original"))
+    return optimizers
+
+
+def schedule_optimizers(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, step: int) -> float:
+    """Set every group's lr for this step (its peak lr times the schedule's factor) and Muon's warming-up
+    momentum. Both are functions of the step alone, so a resumed run continues them exactly. Returns the lr."""
+    warm = min(step / cfg.muon_momentum_warmup, 1.0) if cfg.muon_momentum_warmup else 1.0
+    momentum = MUON_START_MOMENTUM + warm * (cfg.muon_momentum - MUON_START_MOMENTUM)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step, group["base_lr"])
+            if isinstance(optimizer, torch.optim.Muon):
+                group["momentum"] = momentum
+    return cfg.lr_at(step)
 
 
 def accumulate_gradients(wrapped: torch.nn.Module, loss_fn: LossFn, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -84,7 +119,7 @@ def accumulate_gradients(wrapped: torch.nn.Module, loss_fn: LossFn, batches: lis
     return loss_sum, small_sq
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+def clipped_step(optimizers: list[torch.optim.Optimizer], params: list[torch.nn.Parameter],
                  grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the global gradient norm (0: no clipping) and step, unless the gradient is not finite.
 
@@ -94,10 +129,16 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     bad = (~torch.isfinite(grad_norm)).float()
-    if optimizer.defaults.get("fused", False):
-        optimizer.found_inf = bad  # the fused step skips itself when the gradient is not finite
-        optimizer.step()
-    elif not bad.item():  # foreach fallback: one host sync per step
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    skip = None
+    for optimizer in optimizers:
+        if optimizer.defaults.get("fused", False):
+            optimizer.found_inf = bad  # the fused step skips itself when the gradient is not finite
+            optimizer.step()
+            continue
+        if skip is None:
+            skip = bool(bad.item())  # the others (Muon, foreach AdamW): one host sync per step
+        if not skip:
+            optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return grad_norm, bad
