@@ -72,7 +72,9 @@ def main() -> None:
     data = args.data or args.work / "data"
     if not data.exists():
         prepare(PrepareSettings(source=["shakespeare"], out=data, filters_enabled=False))
-    common = dict(batch_size=args.batch_size, block_size=args.block_size, eval_tokens=args.eval_tokens, seed=1337)
+    # the recipe these figures were measured with (before optimizer=muon and the cpu-5min preset became defaults)
+    common = dict(batch_size=args.batch_size, block_size=args.block_size, eval_tokens=args.eval_tokens, seed=1337,
+                  optimizer="adamw", lr=1e-3)
 
     teacher = args.teacher or args.work / "teacher"
     if not teacher.exists():

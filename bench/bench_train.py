@@ -37,7 +37,7 @@ def leangpt_step(shape: dict, compile_: bool):
     if compile_:
         model.compile()
     params = dict(model.named_parameters())
-    (opt,) = configure_optimizer(params, TrainConfig(), torch.device("cpu"))
+    (opt,) = configure_optimizer(params, TrainConfig(optimizer="adamw"), torch.device("cpu"))
     b, t = shape["batch"], shape["block_size"]
     cpu = torch.device("cpu")
 

@@ -49,15 +49,16 @@ Settings = TypeVar("Settings", bound="TrainConfig")
 
 @dataclass
 class TrainConfig:
-    preset: str = setting("small-cpu", "model preset when training from scratch: tiny, small-cpu, gpt2, "
-                                       "gpt2-medium, gpt2-large, gpt2-xl")
+    preset: str = setting("cpu-5min", "model preset when training from scratch: cpu-5min (the main job's), "
+                                      "tiny, tiny-qwen3, small-cpu, small-cpu-qwen3, gpt2, gpt2-medium, gpt2-large, "
+                                      "gpt2-xl")
     model: dict[str, Any] = setting({}, "model config overrides over the preset, e.g. model.n_layer=4",
                                     schema=ModelConfig)
     batch_size: int = setting(16, "sequences per micro-batch (per process)")
     block_size: int | None = setting(None, "context length (default: the model's)")
     grad_accum: int = setting(1, "micro-batches per optimizer step (per process)")
     max_steps: int = setting(1000, "optimizer steps")
-    lr: float = setting(1e-3, "peak learning rate")
+    lr: float = setting(3e-3, "peak learning rate (AdamW's; with optimizer=muon, of what Muon does not take)")
     lr_schedule: str = setting("cosine", "learning-rate schedule after the warmup", choices=LR_SCHEDULES)
     min_lr_ratio: float = setting(0.1, "cosine / wsd decay to lr * min_lr_ratio")
     warmup_steps: int | None = setting(None, "linear warmup steps (default: max_steps / 20, at least 1)")
@@ -67,7 +68,7 @@ class TrainConfig:
                                   choices=BATCH_SCHEDULES)
     ramp_tokens: int = setting(0, "ramp: tokens over which grad_accum grows from 1 to grad_accum")
     max_grad_accum: int = setting(64, "noise_scale: upper bound on grad_accum")
-    optimizer: str = setting("adamw", "adamw, or muon: Muon for the hidden matrices, AdamW for the rest",
+    optimizer: str = setting("muon", "muon: Muon for the blocks' matrices and AdamW for the rest; or adamw",
                              choices=OPTIMIZERS)
     weight_decay: float = setting(0.1, "AdamW weight decay (on matrices only)")
     beta1: float = setting(0.9, "AdamW beta1")

@@ -56,7 +56,8 @@ def tiny_checkpoint(tmp_path_factory, dataset_dir) -> Path:
     from leangpt.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    cfg = TrainConfig(preset="tiny", max_steps=40, batch_size=8, eval_every=0, lr=3e-3)
+    # GPT-2 trained with AdamW, as before optimizer=muon and cpu-5min: every stage keeps working on old checkpoints
+    cfg = TrainConfig(preset="tiny", optimizer="adamw", max_steps=40, batch_size=8, eval_every=0, lr=3e-3)
     train(cfg, dataset_dir, out, progress=False)
     return out
 

@@ -36,7 +36,7 @@ def trained(tmp_path_factory, dataset_dir, name: str, options: dict):
     from leangpt.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / name
-    train(TrainConfig(preset="tiny", max_steps=40, batch_size=8, eval_every=0, lr=3e-3, model=options),
+    train(TrainConfig(preset="tiny", optimizer="adamw", max_steps=40, batch_size=8, eval_every=0, lr=3e-3, model=options),
           dataset_dir, out, progress=False)
     return out
 

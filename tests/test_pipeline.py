@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from leangpt import pipeline, report
+from leangpt.checkpoint import load_checkpoint
 from leangpt.evaluate import evaluate
 from tests.conftest import run_cli
 
@@ -58,7 +59,7 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
     assert results["sample"]["text"] and results["sample"]["prompt"] == "The king"
     assert set(results["stages"]) == {*variants, "data", "eval", "bench", "export", "llamacpp", "sample"}
     # A nested model override reaches the model, converted from text to an int (--set train.model.n_layer=3).
-    assert json.loads((out / "dense" / "config.json").read_text())["n_layer"] == 3
+    assert load_checkpoint(out / "dense")[0].config.n_layer == 3
     assert len(results["load_average_start"]) == 3 and results["machine"]["cores"] >= 1
 
 

@@ -52,7 +52,7 @@ def test_hidden_matrices_go_to_muon_and_the_rest_to_adamw(tie):
     for name in ("model.tok_emb.weight", "model.lm_head.weight", "model.blocks.0.attn.q_norm.weight"):
         if name in params:
             assert id(params[name]) in in_adam, name
-    only_adam = configure_optimizer(params, TrainConfig(), torch.device("cpu"))
+    only_adam = configure_optimizer(params, TrainConfig(optimizer="adamw"), torch.device("cpu"))
     assert len(only_adam) == 1 and isinstance(only_adam[0], torch.optim.AdamW)
 
 

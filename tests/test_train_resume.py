@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Dropout on, so that the torch RNG state matters; deterministic kernels; fp32.
 COMMON = ["--preset", "tiny", "--set", "max_steps=60", "--set", "save_every=5", "--set", "seed=1",
           "--set", "dropout=0.1", "--set", "deterministic=true", "--set", "precision=fp32", "--set", "batch_size=4",
-          "--set", "eval_every=0", "--set", "eval_tokens=256", "--set", "log_every=5", "--set", "keep_last=2"]
+          "--set", "eval_every=0", "--set", "eval_tokens=256", "--set", "log_every=5", "--set", "keep_last=2",
+          "--set", "optimizer=adamw"]
 
 
 def leangpt(args: list[str], **kw) -> subprocess.Popen:
