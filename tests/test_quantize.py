@@ -171,6 +171,23 @@ def test_kernel_choice_is_measured_once_then_cached(monkeypatch, tmp_path):
         choose_kernel(scheme, 32, 64, CPU, forced="nope")
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_automatic_choice_never_quantizes_activations(monkeypatch, tmp_path, bits):
+    """FBGEMM's w8a8 kernels are another computation than the weight-only checkpoint: even when they measure
+    fastest they run only when forced."""
+    monkeypatch.setenv("LEANGPT_CACHE_DIR", str(tmp_path))
+    scheme = Scheme(bits, 64 if bits == 4 else None)
+    names = candidates(scheme, CPU, 32, 128)
+    w8a8 = [n for n in names if KERNELS[n].quantizes_activations]
+    if not w8a8:
+        pytest.skip("no FBGEMM engine in this torch build")
+    monkeypatch.setattr(kernels, "benchmark_kernels",
+                        lambda *a, **k: {n: (1e-9 if n in w8a8 else 1.0) for n in names})
+    chosen = choose_kernel(scheme, 32, 128, CPU)
+    assert chosen in names and not KERNELS[chosen].quantizes_activations
+    assert choose_kernel(scheme, 32, 128, CPU, forced=w8a8[0]) == w8a8[0]
+
+
 def dequantized_twin(float_dir, quant_dir) -> nn.Module:
     """The float model with each quantized layer's weight replaced by its dequantized integers."""
     model = load_model(float_dir)

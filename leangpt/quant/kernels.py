@@ -29,6 +29,9 @@ class QuantLinear(nn.Module):
     """Base: y = x Wᵀ + b with W held in a kernel-specific packed form. `bias` is the only saved tensor."""
 
     kernel = ""
+    # w8a8 kernels round the activations too: another computation than the weight-only one the checkpoint
+    # describes, so the automatic choice passes them by and only LEANGPT_QUANT_KERNEL selects them.
+    quantizes_activations = False
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__()
@@ -159,6 +162,7 @@ class FbgemmLinear(QuantLinear):
     scale per call, as torch.ao's quantize_dynamic does), weights are the stored int8 per-channel integers."""
 
     kernel = "fbgemm"
+    quantizes_activations = True
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__(qw, bias, device)
@@ -180,6 +184,7 @@ class FbgemmGroupsLinear(QuantLinear):
     matrix (q ∈ [0, 15], zero point z, scale s), so y = Σ_g linear_dynamic(x_g, W_g). One call per group."""
 
     kernel = "fbgemm-groups"
+    quantizes_activations = True
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__(qw, bias, device)
@@ -374,7 +379,7 @@ def benchmark_kernels(scheme: Scheme, out_features: int, in_features: int, devic
 def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: torch.device,
                   forced: str | None = None) -> str:
     """The kernel for one layer shape: forced (argument or LEANGPT_QUANT_KERNEL), else the fastest correct
-    one by a cached one-time micro-benchmark."""
+    weight-only one by a cached one-time micro-benchmark."""
     forced = forced or os.environ.get("LEANGPT_QUANT_KERNEL") or None
     names = candidates(scheme, device, out_features, in_features)
     if forced:
@@ -383,6 +388,7 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
         if forced not in names:
             raise UserError(f"kernel {forced!r} cannot run {scheme.name} with {in_features} inputs on {device}")
         return forced
+    names = [name for name in names if not KERNELS[name].quantizes_activations]
     if len(names) == 1:
         return names[0]
     key = f"quant-kernels|{machine_key(device)}|{scheme.name}|{out_features}x{in_features}"
