@@ -24,8 +24,8 @@ import dataclasses
 import functools
 import json
 import math
-import statistics
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
