@@ -136,7 +136,7 @@ class TrainConfig:
             raise UserError("bad setting: batch_schedule=noise_scale needs per-micro-batch gradients; use parallel=ddp")
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise UserError("bad setting: optimizer=muon orthogonalises whole matrices, which FSDP shards; "
-                            "use parallel=ddp")
+                            "use parallel=ddp, or optimizer=adamw with FSDP")
 
     @classmethod
     def from_settings(cls: type[Settings], settings: Any) -> Settings:
