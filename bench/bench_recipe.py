@@ -157,19 +157,13 @@ def nanogpt_char_run(budget: float, seed: int, data: Path) -> dict:
 
     train_ids, val_ids = encode(train_docs), encode(val_docs)
     char_bytes = np.array([len(c.encode()) for c in chars] + [0, 1], dtype=np.int64)
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=len(chars) + 2, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
-    rng = np.random.default_rng(seed)
-    step_fn = _char_step(model, opt, train_ids, rng)
+    config = ModelConfig(vocab_size=len(chars) + 2, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
+    model, step_fn = _char_model(config, seed, train_ids)
     t0 = time.perf_counter()
     for _ in range(PROBE_STEPS):
         step_fn(1e-3)
     steps = max(200, int(budget / ((time.perf_counter() - t0) / PROBE_STEPS)))
-    torch.manual_seed(seed)  # the probe's steps do not count: start over with the measured step count
-    model = GPT(model.config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
-    step_fn = _char_step(model, opt, train_ids, np.random.default_rng(seed))
+    model, step_fn = _char_model(config, seed, train_ids)  # the probe's steps do not count: start over
     t0 = time.perf_counter()
     for step in range(steps):
         step_fn(learning_rate("cosine", step, steps, 100, 0, 1e-3, 1e-4))
@@ -180,7 +174,13 @@ def nanogpt_char_run(budget: float, seed: int, data: Path) -> dict:
             "val_bits_per_byte": val["bits_per_byte"], "val_tokens": val["tokens"]}
 
 
-def _char_step(model: GPT, opt: torch.optim.Optimizer, ids: np.ndarray, rng: np.random.Generator):
+def _char_model(config: ModelConfig, seed: int, ids: np.ndarray):
+    """A fresh seeded model and its training step (nanoGPT's AdamW, random windows of ids, clip 1.0)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
+    rng = np.random.default_rng(seed)
+
     def step(lr: float) -> None:
         starts = rng.integers(0, len(ids) - 65, 12)
         batch = torch.from_numpy(np.stack([ids[s:s + 65] for s in starts]))
@@ -191,7 +191,7 @@ def _char_step(model: GPT, opt: torch.optim.Optimizer, ids: np.ndarray, rng: np.
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step
+    return model, step
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -204,7 +204,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         bpb = [r["val_bits_per_byte"] for r in rs]
         out.append({"recipe": recipe, "budget_s": budget, "seeds": len(rs), "bpb_mean": statistics.mean(bpb),
                     "bpb_std": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
-                    "steps": rs[0]["steps"], "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
+                    "steps": [r["steps"] for r in rs], "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
                     "optimizer_share": rs[0].get("optimizer_share")})
     return out
 

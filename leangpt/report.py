@@ -24,8 +24,8 @@ def describe(name: str, variant: dict[str, Any], config: dict[str, Any]) -> str:
         t = config["train"]
         optimizer = (f"Muon (lr {t['muon_lr']:g}) on the block matrices and AdamW (lr {t['lr']:g}) on the rest"
                      if t.get("optimizer") == "muon" else f"AdamW (lr {t['lr']:g})")
-        seen = (f", {stage['tokens_seen']:,} tokens in {stage['train_time_s']:.0f} s"
-                if "tokens_seen" in stage and "train_time_s" in stage else "")
+        seen = (f", {stage['tokens']:,} tokens in {stage['train_time_s']:.0f} s"
+                if "tokens" in stage and "train_time_s" in stage else "")
         return (f"`{t['preset']}` trained {stage.get('step', t['max_steps'])} steps × {t['batch_size']} sequences "
                 f"with {optimizer}{seen} ({stage.get('compute_dtype', '?')} compute), stored fp32")
     if name in ("int8", "gptq-int4"):

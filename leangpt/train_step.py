@@ -59,18 +59,18 @@ def configure_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig,
 
     The fused AdamW kernel (CPU and CUDA) skips a step itself when `found_inf` is set, with no host sync.
     """
-    muon_names = set(muon_param_names(params)) if cfg.optimizer == "muon" else set()
-    adam = {n: p for n, p in params.items() if n not in muon_names}
+    hidden = muon_param_names(params) if cfg.optimizer == "muon" else []
+    adam = {n: p for n, p in params.items() if n not in set(hidden)}
     decay = [p for p in adam.values() if p.dim() >= 2]
     no_decay = [p for p in adam.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
               {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))]
-    if muon_names:
-        hidden = [{"params": [params[n] for n in sorted(muon_names)], "base_lr": cfg.muon_lr}]
+    if hidden:
+        group = {"params": [params[n] for n in hidden], "base_lr": cfg.muon_lr}
         # "original" scales each matrix's lr by sqrt(max(1, rows / cols)), as Keller Jordan's Muon does
-        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+        optimizers.append(torch.optim.Muon([group], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
                                            momentum=cfg.muon_momentum, adjust_lr_fn="original"))
     return optimizers
 

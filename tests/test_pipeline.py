@@ -60,6 +60,10 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
     assert set(results["stages"]) == {*variants, "data", "eval", "bench", "export", "llamacpp", "sample"}
     # A nested model override reaches the model, converted from text to an int (--set train.model.n_layer=3).
     assert load_checkpoint(out / "dense")[0].config.n_layer == 3
+    # The report states the recipe: the optimizers with their lrs, the tokens seen and the seconds.
+    stage = results["variants"]["dense"]["stage"]
+    dense_line = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("- **dense**"))
+    assert "with Muon (lr 0.02)" in dense_line and f"{stage['tokens']:,} tokens in" in dense_line
     assert len(results["load_average_start"]) == 3 and results["machine"]["cores"] >= 1
 
 
