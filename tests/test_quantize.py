@@ -54,28 +54,34 @@ def test_every_kernel_equals_dequantize_then_matmul(scheme, shape):
     assert relative_error(qw.dequantize(), w) < (0.12 if scheme.bits == 4 else 0.01)
 
 
-@pytest.mark.parametrize("shape,group", [((96, 128), 64), ((40, 100), 64), ((64, 7), 48), ((24, 200), 32)],
-                         ids=lambda v: str(v))
-def test_inductor_int4_kernel_one_row_and_many(shape, group):
-    """The fused 4-bit kernel (one row: decode at batch 1) and its many-row route equal dequantize-then-matmul,
-    also where in_features is not a multiple of the group size (100, 7, 200) or odd (7)."""
-    if "inductor" not in candidates(Scheme(4, group), CPU, *shape):
-        pytest.skip("no inductor kernel on this device")
+@pytest.mark.parametrize("kernel,shape,group", [
+    ("inductor", (96, 128), 64), ("inductor", (40, 100), 64), ("inductor", (64, 7), 48), ("inductor", (24, 200), 32),
+    ("inductor", (48, 256), 128), ("inductor-int8", (96, 128), None), ("inductor-int8", (40, 100), None),
+    ("inductor-int8", (7, 33), None)], ids=lambda v: str(v))
+def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
+    """The fused kernels (one row: decode at batch 1; a few rows: speculative verification, small batches) and
+    their many-row route equal dequantize-then-matmul, for 4-bit groups of 32/48/64/128 also where in_features
+    is not a multiple of the group size (100, 7, 200) or odd (7), and for int8 on odd sizes."""
+    scheme = Scheme(8) if group is None else Scheme(4, group)
+    if kernel not in candidates(scheme, CPU, *shape):
+        pytest.skip(f"no {kernel} kernel on this device")
     out_f, in_f = shape
     gen = torch.Generator().manual_seed(1)
-    qw = quantize_rtn(torch.randn(out_f, in_f, generator=gen), Scheme(4, group))
+    qw = quantize_rtn(torch.randn(out_f, in_f, generator=gen), scheme)
     bias = torch.randn(out_f, generator=gen)
-    module = KERNELS["inductor"](qw, bias, CPU)
-    for rows in [(1, in_f), (1, 1, in_f), (3, 1, in_f), (2, 9, in_f)]:
+    module = KERNELS[kernel](qw, bias, CPU)
+    few = module.gemv_rows
+    for rows in [(1, in_f), (1, 1, in_f), (3, 1, in_f), (few, in_f), (few + 1, in_f), (2, 9, in_f)]:
         x = torch.randn(*rows, generator=gen)
         y = module(x)
-        assert module.kernel == "inductor"  # compiled, not fallen back
-        assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE["inductor"], rows
+        assert module.kernel == kernel  # compiled, not fallen back
+        assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE[kernel], rows
     assert module(torch.randn(1, in_f, dtype=torch.bfloat16)).dtype == torch.bfloat16
     if shape == (40, 100):  # inside a whole-model torch.compile the same tensor ops are traced, not called
-        x = torch.randn(1, in_f, generator=gen)
-        y = torch.compile(module, fullgraph=True, dynamic=False)(x)
-        assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE["inductor"]
+        for n in (1, few + 1):
+            x = torch.randn(n, in_f, generator=gen)
+            y = torch.compile(module, fullgraph=True, dynamic=False)(x)
+            assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE[kernel]
 
 
 def test_inductor_kernel_falls_back_when_it_cannot_compile(monkeypatch):
@@ -255,7 +261,7 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
     prompt = [1, 2, 3, 4]
     greedy = SamplingConfig(temperature=0)
     ref_text = list(generate_ids(twin, prompt, 24, greedy))
-    weight_only = {"reference", "int8pack", "int4pack", "inductor"}  # float activations: same greedy text
+    weight_only = {"reference", "int8pack", "int4pack", "inductor", "inductor-int8"}  # float activations: same greedy text
     scheme = Scheme(8) if which == "int8" else Scheme(4, 32)
     vocab = twin.config.vocab_size  # a quantized head's shape may rule kernels out
     for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):

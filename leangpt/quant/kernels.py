@@ -213,36 +213,6 @@ class CompileError(RuntimeError):
 _COMPILED: dict[tuple, object] = {}  # one compiled kernel per (function, argument shapes), shared by layers
 
 
-def _inductor_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
-    """y = x Wᵀ for a few rows x (M, in_pad), W (out, in_pad) held as packed (in_pad/2, out) uint8, byte [r, o]
-    holding columns 2r (low nibble) and 2r+1 (high) of row o; scales and scales·zeros (G, out).
-    (q - z)·s = q·s - z·s, reduced over the input columns with the output columns as the vector lanes; each row
-    dequantizes again, so this pays only for few rows (GEMV_ROWS)."""
-    half, out = packed.shape
-    G, M = scales.shape[0], x.shape[0]
-    p = packed.view(G, half // G, out)  # (G, g/2, out)
-    s, sz = scales[:, None, :], szeros[:, None, :]
-    w_even = (p & 15).float() * s - sz  # columns 2r
-    w_odd = (p >> 4).float() * s - sz  # columns 2r + 1
-    x_even = x[:, 0::2].reshape(M, G, half // G, 1)
-    x_odd = x[:, 1::2].reshape(M, G, half // G, 1)
-    return (w_even * x_even + w_odd * x_odd).sum((1, 2))  # (M, out)
-
-
-# Up to this many rows the fused kernel beats dequantize-then-matmul (measured here, 384x1536 int4 g64: 8 rows
-# 0.25 ms vs 1.1 ms; 16 rows about even).
-GEMV_ROWS = 8
-
-
-def _inductor_dequant(packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
-    """The same weight as a float (in_pad, out) matrix, for inputs of many rows (prefill, batches)."""
-    half, out = packed.shape
-    G = scales.shape[0]
-    p = packed.view(G, half // G, 1, out)
-    q = torch.cat((p & 15, p >> 4), 2).float()  # (G, g/2, 2, out)
-    return (q * scales[:, None, None, :] - szeros[:, None, None, :]).view(2 * half, out)
-
-
 def _compiled(fn, *args: torch.Tensor):
     """fn traced on these argument shapes and compiled by inductor (its C++ CPU codegen), called without
     torch.compile's per-call guards (~20 µs a call here, more than a small layer's whole matmul)."""
@@ -265,73 +235,159 @@ def _compiled(fn, *args: torch.Tensor):
     return _COMPILED[key]
 
 
-# What an InductorLinear that could not compile runs, and reports as its kernel: its own dequantize of the
-# packed nibbles, uncompiled, then a matmul.
-EAGER_FALLBACK = "inductor-eager"
+def _int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ for a few rows x (M, in_pad), W (out, in_pad) held as packed (in_pad/2, out) uint8, byte [r, o]
+    holding columns 2r (low nibble) and 2r+1 (high) of row o; scales and scales·zeros (G, out).
+    (q - z)·s = q·s - z·s, reduced over the input columns with the output columns as the vector lanes; each row
+    dequantizes again, so this pays only for few rows."""
+    half, out = packed.shape
+    G, M = scales.shape[0], x.shape[0]
+    p = packed.view(G, half // G, out)  # (G, g/2, out)
+    s, sz = scales[:, None, :], szeros[:, None, :]
+    w_even = (p & 15).float() * s - sz  # columns 2r
+    w_odd = (p >> 4).float() * s - sz  # columns 2r + 1
+    x_even = x[:, 0::2].reshape(M, G, half // G, 1)
+    x_odd = x[:, 1::2].reshape(M, G, half // G, 1)
+    return (w_even * x_even + w_odd * x_odd).sum((1, 2))  # (M, out)
 
 
-class InductorLinear(QuantLinear):
-    """int4 groups computed from the packed nibbles by a fused dequantize-and-reduce kernel that torch.compile's
-    inductor generates as vectorised C++ (weights stay 4-bit in memory: 8x fewer bytes than fp32), for up to
-    GEMV_ROWS rows of activations (decode, small batches); more rows dequantize the layer once by a compiled
-    kernel, then matmul.
-    Float activations and float accumulation, so it equals dequantize-then-matmul up to float rounding. A
-    shorter last group (in_features not a multiple of the group size) is padded with zero columns here.
-    Where the kernels cannot be compiled (no C++ compiler, ...) the layer warns and runs the same tensor
-    ops eagerly; its `kernel` then reads EAGER_FALLBACK."""
+def _int4_dequant(packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
+    """The same weight as a float (in_pad, out) matrix, for inputs of many rows (prefill, batches)."""
+    half, out = packed.shape
+    G = scales.shape[0]
+    p = packed.view(G, half // G, 1, out)
+    q = torch.cat((p & 15, p >> 4), 2).float()  # (G, g/2, 2, out)
+    return (q * scales[:, None, None, :] - szeros[:, None, None, :]).view(2 * half, out)
+
+
+def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ for a few rows x (M, in), W = q (out, in) int8 times scales (out,): one vectorised reduction over
+    each contiguous weight row, the int8 → float conversion fused in, the scale applied once per output."""
+    return (x.unsqueeze(-2) * q.float()).sum(-1) * scales  # (M, out)
+
+
+def _int8_dequant(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same weight as a float (in, out) matrix, for inputs of many rows."""
+    return (q.float() * scales[:, None]).t()
+
+
+# Up to this many rows a fused kernel beats dequantize-then-matmul (measured here: 384x1536 int4 g64 at 8 rows
+# 0.25 ms vs 1.1 ms, 16 rows about even; int8 768x256 at 4 rows 74 us vs 55 us dequantize-then-matmul,
+# 8192x256 at 8 rows still 0.66x). The most rows any fused kernel takes, for callers that warm them up.
+GEMV_ROWS = 8
+
+
+class FusedLinear(QuantLinear):
+    """Base of the kernels that torch.compile's inductor generates as vectorised C++ from the stored integers:
+    for up to `gemv_rows` rows of activations (decode, small batches) one fused dequantize-and-reduce kernel
+    (weights stay at their stored width in memory, no float copy); more rows dequantize the layer once per call
+    by a compiled kernel, then matmul. Inside a compiled model (Engine(compile=True)) the same tensor ops are
+    traced into the model's graph instead. Float activations and float accumulation, so it equals
+    dequantize-then-matmul up to float rounding.
+    Where the kernels cannot be compiled (no C++ compiler, ...) the layer warns and runs the same tensor ops
+    eagerly; its `kernel` then reads `<kernel>-eager`."""
+
+    gemv_rows = GEMV_ROWS
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self._gemv: dict[int, object] = {}  # by row count; compiled at first use (once per shape in a process)
+        self._dequant = None
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return device.type == "cpu"
+
+    # The subclass's layout: the packed tensors, their fused kernel and dequantize functions, its input padding.
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    gemv_fn = dequant_fn = None
+    in_pad = 0
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.in_pad > x.shape[1]:
+            xf = F.pad(xf, (0, self.in_pad - x.shape[1]))
+        xf, w = xf.contiguous(), self.weights()
+        few = xf.shape[0] <= self.gemv_rows
+        gemv, dequant = type(self).gemv_fn, type(self).dequant_fn
+        if torch.compiler.is_compiling():  # inside a compiled model: inline the tensor ops
+            return (gemv(xf, *w) if few else xf @ dequant(*w)).to(x.dtype)
+        if self.kernel == type(self).kernel:
+            try:
+                if few:
+                    rows = xf.shape[0]
+                    if rows not in self._gemv:
+                        self._gemv[rows] = _compiled(gemv, xf, *w)
+                    return self._gemv[rows](xf, *w).to(x.dtype)
+                if self._dequant is None:
+                    self._dequant = _compiled(dequant, *w)
+                return (xf @ self._dequant(*w)).to(x.dtype)
+            except CompileError as e:
+                self.kernel = f"{type(self).kernel}-eager"
+                warnings.warn(f"quantized kernel {type(self).kernel!r} could not be compiled here, so this layer "
+                              f"runs it uncompiled as {self.kernel!r} (dequantize the stored integers per call, "
+                              f"then matmul): {e}")
+        return (xf @ dequant(*w)).to(x.dtype)  # eager: the same computation, uncompiled
+
+
+class InductorLinear(FusedLinear):
+    """int4 groups from the packed nibbles (8x fewer bytes than fp32). A shorter last group (in_features not a
+    multiple of the group size) is padded with zero columns here."""
 
     kernel = "inductor"
+    gemv_fn, dequant_fn = staticmethod(_int4_gemv), staticmethod(_int4_dequant)
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__(qw, bias, device)
         g = qw.scheme.group_size
-        G = -(-qw.in_features // g)
-        self.in_pad = G * g
+        self.in_pad = -(-qw.in_features // g) * g
         q = F.pad(qw.int_weight(), (0, self.in_pad - qw.in_features))  # (out, in_pad) uint8
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).t().contiguous()  # (in_pad/2, out)
         self.register_buffer("packed", packed.to(device), persistent=False)
         self.register_buffer("qscales", qw.scales.t().contiguous().to(device), persistent=False)  # (G, out)
         szeros = (qw.scales * qw.zeros.float()).t().contiguous()
         self.register_buffer("szeros", szeros.to(device), persistent=False)
-        self._gemv: dict[int, object] = {}  # by row count; compiled at first use (once per shape in a process)
-        self._dequant = None
 
     @staticmethod
     def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
         return scheme.bits == 4 and device.type == "cpu"
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xf = F.pad(x.float(), (0, self.in_pad - x.shape[1])).contiguous()  # (N, in_pad)
-        w = (self.packed, self.qscales, self.szeros)
-        few = xf.shape[0] <= GEMV_ROWS
-        if torch.compiler.is_compiling():  # inside a compiled model (Engine(compile=True)): inline the tensor ops
-            return (_inductor_gemv(xf, *w) if few else xf @ _inductor_dequant(*w)).to(x.dtype)
-        if self.kernel == "inductor":
-            try:
-                if few:
-                    rows = xf.shape[0]
-                    if rows not in self._gemv:
-                        self._gemv[rows] = _compiled(_inductor_gemv, xf, *w)
-                    return self._gemv[rows](xf, *w).to(x.dtype)
-                if self._dequant is None:
-                    self._dequant = _compiled(_inductor_dequant, *w)
-                return (xf @ self._dequant(*w)).to(x.dtype)
-            except CompileError as e:
-                warnings.warn(f"quantized kernel 'inductor' could not be compiled here, so this layer runs it "
-                              f"uncompiled as {EAGER_FALLBACK!r} (dequantize the packed nibbles per call, "
-                              f"then matmul): {e}")
-                self.kernel = EAGER_FALLBACK
-        return (xf @ _inductor_dequant(*w)).to(x.dtype)  # eager: the same computation, uncompiled
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.qscales, self.szeros
+
+
+class InductorInt8Linear(FusedLinear):
+    """int8 per output channel, from the stored (out, in) integers (4x fewer bytes than fp32). On CPUs where
+    torch's int8pack kernel is slow for one row (here 179 us for 768x256 against 25 us for this one)."""
+
+    kernel = "inductor-int8"
+    gemv_rows = 4
+    gemv_fn, dequant_fn = staticmethod(_int8_gemv), staticmethod(_int8_dequant)
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self.register_buffer("q", qw.qweight.contiguous().to(device), persistent=False)
+        self.register_buffer("qscales", qw.scales.float().contiguous().to(device), persistent=False)
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return scheme.bits == 8 and device.type == "cpu"
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.q, self.qscales
+
 
 KERNELS: dict[str, type[QuantLinear]] = {k.kernel: k for k in (
     ReferenceLinear, FbgemmLinear, FbgemmGroupsLinear, Int8PackLinear, Int4PackCPULinear, Int4PackCUDALinear,
-    InductorLinear)}
+    InductorLinear, InductorInt8Linear)}
 
 # Relative output error a kernel may show against `reference` and still count as correct: float
 # rounding for weight-only kernels, bf16 activations for CUDA's int4 kernel, 7-bit dynamic activation
 # quantization for FBGEMM (~1 %).
 TOLERANCE = {"reference": 1e-5, "int8pack": 1e-3, "int4pack": 1e-3, "int4pack-cuda": 0.02, "inductor": 1e-5,
-             "fbgemm": 0.05, "fbgemm-groups": 0.05}
+             "inductor-int8": 1e-5, "fbgemm": 0.05, "fbgemm-groups": 0.05}
 
 
 def candidates(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> list[str]:
