@@ -84,7 +84,9 @@ def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
             assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE[kernel]
 
 
-def test_inductor_kernel_falls_back_when_it_cannot_compile(monkeypatch):
+@pytest.mark.parametrize("kernel,scheme", [("inductor", Scheme(4, 32)), ("inductor-int8", Scheme(8))],
+                         ids=["int4", "int8"])
+def test_fused_kernel_falls_back_when_it_cannot_compile(monkeypatch, kernel, scheme):
     import torch._inductor.compile_fx as compile_fx
 
     def no_compiler(*args, **kwargs):
@@ -92,17 +94,17 @@ def test_inductor_kernel_falls_back_when_it_cannot_compile(monkeypatch):
 
     monkeypatch.setattr(compile_fx, "compile_fx", no_compiler)
     monkeypatch.setattr(kernels, "_COMPILED", {})
-    qw = quantize_rtn(torch.randn(16, 40), Scheme(4, 32))
-    module = KERNELS["inductor"](qw, None, CPU)
+    qw = quantize_rtn(torch.randn(16, 40), scheme)
+    module = KERNELS[kernel](qw, None, CPU)
     x = torch.randn(1, 40)
     with pytest.warns(UserWarning, match="could not be compiled") as caught:
         y = module(x)
-    # Named for what runs: the layer's own dequantize of its packed nibbles, uncompiled (not `reference`).
-    assert "inductor-eager" in str(caught[0].message) and "reference" not in str(caught[0].message)
-    assert module.kernel == "inductor-eager" and kernels_used(nn.Sequential(module)) == {"inductor-eager": 1}
+    # Named for what runs: the layer's own dequantize of its stored integers, uncompiled (not `reference`).
+    assert f"{kernel}-eager" in str(caught[0].message) and "reference" not in str(caught[0].message)
+    assert module.kernel == f"{kernel}-eager" and kernels_used(nn.Sequential(module)) == {f"{kernel}-eager": 1}
     assert relative_error(y, F.linear(x, qw.dequantize())) <= 1e-5
-    timings = kernels.benchmark_kernels(Scheme(4, 32), 16, 40, CPU)
-    assert timings["inductor"] is None and timings["reference"] is not None
+    timings = kernels.benchmark_kernels(scheme, 16, 40, CPU)
+    assert timings[kernel] is None and timings["reference"] is not None
 
 
 def test_int4_packing_round_trip_and_format():

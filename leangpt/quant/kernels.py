@@ -287,23 +287,19 @@ class FusedLinear(QuantLinear):
     Where the kernels cannot be compiled (no C++ compiler, ...) the layer warns and runs the same tensor ops
     eagerly; its `kernel` then reads `<kernel>-eager`."""
 
+    # Each subclass gives its layout: the fused kernel and dequantize functions of its packed tensors, the
+    # rows the fused kernel pays for, and the input width its packing pads to.
+    gemv_fn = dequant_fn = None
     gemv_rows = GEMV_ROWS
+    in_pad = 0
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__(qw, bias, device)
         self._gemv: dict[int, object] = {}  # by row count; compiled at first use (once per shape in a process)
         self._dequant = None
 
-    @staticmethod
-    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
-        return device.type == "cpu"
-
-    # The subclass's layout: the packed tensors, their fused kernel and dequantize functions, its input padding.
     def weights(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
-
-    gemv_fn = dequant_fn = None
-    in_pad = 0
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -311,7 +307,7 @@ class FusedLinear(QuantLinear):
             xf = F.pad(xf, (0, self.in_pad - x.shape[1]))
         xf, w = xf.contiguous(), self.weights()
         few = xf.shape[0] <= self.gemv_rows
-        gemv, dequant = type(self).gemv_fn, type(self).dequant_fn
+        gemv, dequant = self.gemv_fn, self.dequant_fn
         if torch.compiler.is_compiling():  # inside a compiled model: inline the tensor ops
             return (gemv(xf, *w) if few else xf @ dequant(*w)).to(x.dtype)
         if self.kernel == type(self).kernel:
