@@ -41,10 +41,10 @@ from leangpt.quant.model import kernels_used, target_layers
 from leangpt.quantize import main as quantize_main
 
 OURS = {
-    "int8": ["--method", "int8"],
-    "int8+head": ["--method", "int8", "--quantize-head"],
-    "int4-g64": ["--method", "int4", "--group-size", "64"],
-    "gptq-int4-g64": ["--method", "gptq-int4", "--group-size", "64"],
+    "int8": ["--method", "int8", "--no-quantize-head"],
+    "int8+head": ["--method", "int8"],
+    "int4-g64": ["--method", "int4", "--group-size", "64", "--no-quantize-head"],
+    "gptq-int4-g64": ["--method", "gptq-int4", "--group-size", "64", "--no-quantize-head"],
 }
 
 

@@ -64,7 +64,7 @@ def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.P
     block the server)."""
     cmd = [sys.executable, "-m", "leangpt", "serve", "--model", str(args.model), "--port", str(port),
            "--model-name", "bench", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-           "--log-level", "warning", "--compile"]
+           "--log-level", "warning"]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
     deadline = time.monotonic() + 900  # warm-up compiles every batch size

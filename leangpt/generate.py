@@ -251,8 +251,9 @@ class GenerateSettings:
     batch_size: int = setting(8, "prompts of a --prompts file decoded together")
     draft: Path | None = setting(None, "draft checkpoint for speculative decoding (same tokenizer)")
     draft_tokens: int = setting(4, "draft tokens proposed per speculative round")
-    compile: bool = setting(False, "torch.compile the decode step (about 10 s of compiling per new "
-                                  "process; falls back to eager on failure)")
+    compile: bool = setting(True, "torch.compile the decode step (the first process on a machine compiles for "
+                                 "about 10 s, later ones load the kernels from the cache; falls back to eager "
+                                 "on failure); --no-compile decodes eagerly")
     device: str = setting("auto", "auto, cpu, cuda, ...")
 
     def sampling(self) -> SamplingConfig:

@@ -34,7 +34,8 @@ class QuantizeSettings:
     calib_split: str = setting("train", "GPTQ: split to draw windows from", choices=["train", "val"])
     damp: float = setting(0.01, "GPTQ: Hessian damping as a fraction of its mean diagonal")
     act_order: bool = setting(False, "GPTQ: quantize columns by decreasing Hessian diagonal")
-    quantize_head: bool = setting(False, "also quantize the output head (default: kept in full precision)")
+    quantize_head: bool = setting(True, "quantize the output head too, as llama.cpp's Q8_0/Q4_0 do (it is read "
+                                       "for every token); --no-quantize-head keeps it in full precision")
     quantize_embedding: bool = setting(False, "also quantize the token embedding (round-to-nearest); with tied "
                                               "embeddings the head computes from the same quantized table "
                                               "(default: kept in full precision)")

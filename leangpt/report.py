@@ -171,6 +171,17 @@ def busy_note(results: dict[str, Any]) -> str:
     return f"Quiet machine: load average {load:.2f} on {cores} cores when the run started."
 
 
+def decode_path(results: dict[str, Any]) -> str:
+    """Which decode step bench timed: compiled (the default) or eager, as each record says."""
+    eager = sorted({name for name, v in results["variants"].items()
+                    for r in v["bench"].values() if not r.get("compile", False)})
+    if not eager:
+        return "on the compiled decode step (torch.compile; compile time not counted)"
+    if len(eager) == len(results["variants"]):
+        return "on the eager decode step"
+    return f"on the compiled decode step, eager for {', '.join(eager)} (compilation failed or was off)"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, config = results["machine"], results["config"]
     bench = config["bench"]
@@ -185,7 +196,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Quality: `leangpt eval` on {_tokens(config['eval']['max_tokens'])} of the val split; KL(dense ‖ variant) "
         f"in nats per token and top-1 agreement with the dense model (`eval --reference`). Speed: `leangpt bench`, "
         f"greedy decoding of {bench['new_tokens']} new tokens after a {bench['prompt_tokens']}-token random prompt, "
-        f"median of {bench['repeats']} runs after a warm-up, each model in a fresh process; "
+        f"median of {bench['repeats']} runs after a warm-up, each model in a fresh process, {decode_path(results)}; "
         f"TTFT = prefill of the prompt; peak MB = peak resident memory of that process (the largest batch). "
         f"Size: `model*.safetensors` on disk.", "",
     ]

@@ -221,8 +221,8 @@ def quantized(tmp_path_factory, tiny_checkpoint, dataset_dir):
     root = tmp_path_factory.mktemp("quant")
     out = {}
     for name, argv in {
-        "int8": ["--method", "int8"],
-        "int4": ["--method", "int4", "--group-size", "32", "--quantize-head"],
+        "int8": ["--method", "int8", "--no-quantize-head"],
+        "int4": ["--method", "int4", "--group-size", "32"],
         "int4emb": ["--method", "int4", "--group-size", "32", "--quantize-embedding"],
         "gptq4": ["--method", "gptq-int4", "--group-size", "32", "--calib-data", str(dataset_dir),
                   "--calib-samples", "16", "--calib-seq-len", "64"],
