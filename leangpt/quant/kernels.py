@@ -271,10 +271,11 @@ def _int8_dequant(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.float() * scales[:, None]).t()
 
 
-# Up to this many rows a fused kernel beats dequantize-then-matmul (measured here: 384x1536 int4 g64 at 8 rows
-# 0.25 ms vs 1.1 ms, 16 rows about even; int8 768x256 at 4 rows 74 us vs 55 us dequantize-then-matmul,
-# 8192x256 at 8 rows still 0.66x). The most rows any fused kernel takes, for callers that warm them up.
-GEMV_ROWS = 8
+# Up to this many rows a fused kernel takes the product, above it dequantize-then-matmul does. Alone, an int4
+# g64 384x1536 layer still gained at 8 rows (0.25 ms vs 1.1 ms), but inside the compiled batch-8 decode step
+# of the pipeline's GPTQ-int4 model 8 fused rows decoded 171 tok/s against 2,103 with 4 (batch 1 unchanged,
+# 2026-12-03); int8 768x256 at 4 rows: 74 us vs 55 us. Also the rows callers warm up.
+GEMV_ROWS = 4
 
 
 class FusedLinear(QuantLinear):
@@ -359,7 +360,6 @@ class InductorInt8Linear(FusedLinear):
     torch's int8pack kernel is slow for one row (here 179 us for 768x256 against 25 us for this one)."""
 
     kernel = "inductor-int8"
-    gemv_rows = 4
     gemv_fn, dequant_fn = staticmethod(_int8_gemv), staticmethod(_int8_dequant)
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
