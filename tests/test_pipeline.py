@@ -229,3 +229,21 @@ def test_report_says_what_was_not_installed(tiny_run):
     assert "| int8.gguf | q8_0 |" in text  # the files are still listed
     row = next(line for line in report.variant_table(results).splitlines() if line.startswith("| int8 |"))
     assert row.endswith("| — | — |")  # no lambada accuracy, no llama.cpp speed
+
+
+def _bench_records(compiled: dict[str, list[bool]]) -> dict:
+    return {"variants": {name: {"bench": {str(i): {"compile": c} for i, c in enumerate(flags)}}
+                         for name, flags in compiled.items()}}
+
+
+@pytest.mark.parametrize("compiled, says", [
+    ({"dense": [True, True], "int8": [True, True]}, "on the compiled decode step (torch.compile"),
+    ({"dense": [False, False], "int8": [False]}, "on the eager decode step"),
+    ({"dense": [True, True], "int8": [True, False], "pruned": [True]}, "compiled decode step, eager for int8 ("),
+])
+def test_report_says_which_decode_step_bench_timed(compiled, says):
+    assert says in report.decode_path(_bench_records(compiled))
+
+
+def test_a_record_without_the_compile_key_counts_as_eager():
+    assert report.decode_path({"variants": {"dense": {"bench": {"1": {}}}}}) == "on the eager decode step"
