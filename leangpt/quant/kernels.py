@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leangpt.cpu_linear import stored
 from leangpt.device import sync
 from leangpt.errors import UserError
 from leangpt.machine import cached, machine_key
@@ -238,17 +239,17 @@ def _compiled(fn, *args: torch.Tensor):
 def _int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
     """y = x Wᵀ for a few rows x (M, in_pad), W (out, in_pad) held as packed (in_pad/2, out) uint8, byte [r, o]
     holding columns 2r (low nibble) and 2r+1 (high) of row o; scales and scales·zeros (G, out).
-    (q - z)·s = q·s - z·s, reduced over the input columns with the output columns as the vector lanes; each row
-    dequantizes again, so this pays only for few rows."""
+    Per group, Σ (q - z)·s·x = s·Σ q·x - s·z·Σ x: the reductions read the nibbles with the output columns as
+    the vector lanes and convert each to float once, and each stays a few operations, so that inductor fuses
+    it rather than storing the dequantized weight first. Each row reads the weight again: for few rows only."""
     half, out = packed.shape
     G, M = scales.shape[0], x.shape[0]
     p = packed.view(G, half // G, out)  # (G, g/2, out)
-    s, sz = scales[:, None, :], szeros[:, None, :]
-    w_even = (p & 15).float() * s - sz  # columns 2r
-    w_odd = (p >> 4).float() * s - sz  # columns 2r + 1
     x_even = x[:, 0::2].reshape(M, G, half // G, 1)
     x_odd = x[:, 1::2].reshape(M, G, half // G, 1)
-    return (w_even * x_even + w_odd * x_odd).sum((1, 2))  # (M, out)
+    qx = ((p & 15).float() * x_even).sum(2) + ((p >> 4).float() * x_odd).sum(2)  # (M, G, out)
+    x_sums = x.view(M, G, -1).sum(-1, keepdim=True)  # (M, G, 1)
+    return (qx * scales - x_sums * szeros).sum(1)  # (M, out)
 
 
 def _int4_dequant(packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor) -> torch.Tensor:
@@ -310,7 +311,7 @@ class FusedLinear(QuantLinear):
         few = xf.shape[0] <= self.gemv_rows
         gemv, dequant = self.gemv_fn, self.dequant_fn
         if torch.compiler.is_compiling():  # inside a compiled model: inline the tensor ops
-            return (gemv(xf, *w) if few else xf @ dequant(*w)).to(x.dtype)
+            return (gemv(stored(xf), *w) if few else xf @ dequant(*w)).to(x.dtype)
         if self.kernel == type(self).kernel:
             try:
                 if few:
