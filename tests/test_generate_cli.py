@@ -105,6 +105,7 @@ def test_generate_user_errors(tiny_checkpoint, tmp_path, capsys):
         (["--prompt", "x", "--top-p", "1.5"], "top-p"),
         (["--prompt", "x", "--draft", str(tmp_path)], "not found"),
         (["--prompt", "x", "--min-p", "2"], "min-p"),
+        (["--prompt", "x", "--compile-min-tokens", "-1"], "compile-min-tokens"),
     ]
     for extra, message in cases:
         code, _, err = run_cli(["generate", "--model", str(tiny_checkpoint), *extra], capsys)
@@ -112,3 +113,24 @@ def test_generate_user_errors(tiny_checkpoint, tmp_path, capsys):
     code, _, err = run_cli(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--prompts", str(empty)],
                            capsys)
     assert code == 2 and "not allowed with" in err
+
+
+@pytest.mark.parametrize("extra, compiled", [
+    ([], False),  # 24 tokens: compiling would cost more than it saves
+    (["--compile-min-tokens", "24"], True),
+    (["--compile-min-tokens", "0", "--no-compile"], False),
+])
+def test_generate_compiles_only_jobs_long_enough(tiny_checkpoint, capsys, monkeypatch, extra, compiled):
+    import leangpt.generate as generate_module
+
+    asked = []
+
+    def recording_engine(model, compile=False):
+        asked.append(compile)
+        return Engine(model)  # eager either way: the choice is what is tested
+
+    monkeypatch.setattr(generate_module, "Engine", recording_engine)
+    code, _, err = run_cli(["generate", "--model", str(tiny_checkpoint), "--prompt", "To be", "--max-new-tokens",
+                            "24", *extra], capsys)
+    assert code == 0, err
+    assert asked == [compiled]
