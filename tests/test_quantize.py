@@ -18,7 +18,7 @@ from leangpt.generate import SamplingConfig, generate_ids
 from leangpt.quant import kernels
 from leangpt.quant.formats import QuantizedWeight, Scheme, pack_int4, quantize_rtn, unpack_int4
 from leangpt.quant.gptq import gptq_quantize
-from leangpt.quant.kernels import KERNELS, TOLERANCE, candidates, choose_kernel, relative_error
+from leangpt.quant.kernels import EAGER_DEQUANT_ROWS, KERNELS, TOLERANCE, candidates, choose_kernel, relative_error
 from leangpt.quant.model import kernels_used
 
 CPU = torch.device("cpu")
@@ -71,7 +71,8 @@ def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
     bias = torch.randn(out_f, generator=gen)
     module = KERNELS[kernel](qw, bias, CPU)
     few = module.gemv_rows
-    for rows in [(1, in_f), (1, 1, in_f), (3, 1, in_f), (few, in_f), (few + 1, in_f), (2, 9, in_f)]:
+    many = (2, EAGER_DEQUANT_ROWS // 2 + 1, in_f)  # eval-sized: dequantized uncompiled
+    for rows in [(1, in_f), (1, 1, in_f), (3, 1, in_f), (few, in_f), (few + 1, in_f), (2, 9, in_f), many]:
         x = torch.randn(*rows, generator=gen)
         y = module(x)
         assert module.kernel == kernel  # compiled, not fallen back

@@ -277,13 +277,17 @@ def _int8_dequant(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 # of the pipeline's GPTQ-int4 model 8 fused rows decoded 171 tok/s against 2,103 with 4 (batch 1 unchanged,
 # 2026-12-03); int8 768x256 at 4 rows: 74 us vs 55 us. Also the rows callers warm up.
 GEMV_ROWS = 4
+# From this many rows on (eval, long prefills) the matmul dwarfs an uncompiled dequantize (int4 768x256: 0.22 ms
+# against 3.6 ms for 2,048 rows), so those calls never wait for a compiler: its first use in a process costs
+# ~3 s, and each layer shape 0.25 s more even from the on-disk cache (2026-12-04).
+EAGER_DEQUANT_ROWS = 1024
 
 
 class FusedLinear(QuantLinear):
     """Base of the kernels that torch.compile's inductor generates as vectorised C++ from the stored integers:
     for up to `gemv_rows` rows of activations (decode, small batches) one fused dequantize-and-reduce kernel
     (weights stay at their stored width in memory, no float copy); more rows dequantize the layer once per call
-    by a compiled kernel, then matmul. Inside a compiled model (Engine(compile=True)) the same tensor ops are
+    by a compiled kernel (uncompiled from EAGER_DEQUANT_ROWS rows), then matmul. Inside a compiled model (Engine(compile=True)) the same tensor ops are
     traced into the model's graph instead. Float activations and float accumulation, so it equals
     dequantize-then-matmul up to float rounding.
     Where the kernels cannot be compiled (no C++ compiler, ...) the layer warns and runs the same tensor ops
@@ -312,7 +316,7 @@ class FusedLinear(QuantLinear):
         gemv, dequant = self.gemv_fn, self.dequant_fn
         if torch.compiler.is_compiling():  # inside a compiled model: inline the tensor ops
             return (gemv(stored(xf), *w) if few else xf @ dequant(*w)).to(x.dtype)
-        if self.kernel == type(self).kernel:
+        if self.kernel == type(self).kernel and xf.shape[0] < EAGER_DEQUANT_ROWS:
             try:
                 if few:
                     rows = xf.shape[0]
