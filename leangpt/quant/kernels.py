@@ -272,11 +272,12 @@ def _int8_dequant(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.float() * scales[:, None]).t()
 
 
-# Up to this many rows a fused kernel takes the product, above it dequantize-then-matmul does. Alone, an int4
-# g64 384x1536 layer still gained at 8 rows (0.25 ms vs 1.1 ms), but inside the compiled batch-8 decode step
-# of the pipeline's GPTQ-int4 model 8 fused rows decoded 171 tok/s against 2,103 with 4 (batch 1 unchanged,
-# 2026-12-03); int8 768x256 at 4 rows: 74 us vs 55 us. Also the rows callers warm up.
-GEMV_ROWS = 4
+# Up to this many rows a fused kernel takes the product, above it dequantize-then-matmul does. Inside the
+# compiled batch-8 decode step of the pipeline's models, 8 fused rows against 4: GPTQ-int4 2.04 ms against 3.31,
+# int8 1.47 against 1.65 (2026-12-04); alone, 8 fused int4 rows beat dequantize-then-matmul for every layer
+# shape (768x256: 60 us against 102), int8 only for the 8192x256 head (397 us against 724; 768x256: 41 against
+# 30). Also the rows callers warm up.
+GEMV_ROWS = 8
 # From this many rows on (eval, long prefills) the matmul dwarfs an uncompiled dequantize (int4 768x256: 0.22 ms
 # against 3.6 ms for 2,048 rows), so those calls never wait for a compiler: its first use in a process costs
 # ~3 s, and each layer shape 0.25 s more even from the on-disk cache (2026-12-04).
