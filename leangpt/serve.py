@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -44,7 +45,7 @@ from leangpt.engine import Engine, check_request
 from leangpt.errors import UserError
 from leangpt.generate import TextRequest
 from leangpt.sampling import SamplingConfig
-from leangpt.scheduler import Batcher, Job, Overloaded
+from leangpt.scheduler import Batcher, Job, Overloaded, worker_thread
 from leangpt.scoring import score_tokens
 from leangpt.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from leangpt.serve_metrics import ServeMetrics
@@ -408,12 +409,14 @@ def chat_page() -> str:
 
 def create_app(engine: Engine, tokenizer: TextTokenizer, name: str, max_batch: int = 16, *, max_queue: int = 256,
                prefill_chunk: int = 256, request_timeout: float | None = None,
-               api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving one model; its worker thread runs while the app runs (lifespan). Requests wait
-    for one of max_batch rows, at most max_queue of them (429 beyond); request_timeout (seconds) bounds each
-    request; with api_key, /v1/ and /metrics need `Authorization: Bearer api_key`."""
+               api_key: str | None = None, worker: ThreadPoolExecutor | None = None) -> FastAPI:
+    """The FastAPI app serving one model; its worker thread runs while the app runs (lifespan): worker's, which
+    should be the thread that loaded the model (see leangpt.scheduler), or one of its own. Requests wait for one
+    of max_batch rows, at most max_queue of them (429 beyond); request_timeout (seconds) bounds each request;
+    with api_key, /v1/ and /metrics need `Authorization: Bearer api_key`."""
     metrics = ServeMetrics()
-    server = Server(name, Batcher(engine, tokenizer, max_batch, max_queue, prefill_chunk, metrics), request_timeout)
+    batcher = Batcher(engine, tokenizer, max_batch, max_queue, prefill_chunk, metrics, worker)
+    server = Server(name, batcher, request_timeout)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -572,9 +575,10 @@ async def _scored_completion(server: Server, engine: Engine, tokenizer: TextToke
     choices = []
     for i, (prompt, text, r) in enumerate(zip(ids, prompts, results)):
         echoed = (text if isinstance(text, str) else tokenizer.decode(prompt)) if body.echo else ""
-        # Off the event loop: a forward pass over up to a whole context.
-        logprobs = await asyncio.to_thread(_scored_logprobs, tokenizer, engine.model, prompt, r["token_ids"],
-                                           body.logprobs or 0, body.echo, len(echoed))
+        # On the worker thread: a forward pass over up to a whole context.
+        logprobs = await asyncio.wrap_future(server.batcher.call(
+            _scored_logprobs, tokenizer, engine.model, prompt, r["token_ids"], body.logprobs or 0, body.echo,
+            len(echoed)))
         choices.append({"index": i, "text": echoed + r["text"], "finish_reason": r["finish_reason"],
                         "logprobs": logprobs})
     return {**head, "choices": choices,
@@ -674,11 +678,13 @@ def serve(s: ServeSettings) -> dict[str, Any]:
     from leangpt.checkpoint import load_checkpoint
     from leangpt.device import pick_device
 
-    model, tokenizer, _ = load_checkpoint(s.model, pick_device(s.device))
+    worker = worker_thread()  # loads the model, then runs it: the process's only thread of torch ops
+    model, tokenizer, _ = worker.submit(load_checkpoint, s.model, pick_device(s.device)).result()
     name = s.model_name or s.model.resolve().name
     key = s.key()
     app = create_app(Engine(model, compile=s.compile), tokenizer, name, s.max_batch, max_queue=s.max_queue,
-                     prefill_chunk=s.prefill_chunk, request_timeout=s.request_timeout or None, api_key=key)
+                     prefill_chunk=s.prefill_chunk, request_timeout=s.request_timeout or None, api_key=key,
+                     worker=worker)
     logging.basicConfig(level=s.log_level.upper(), format="%(levelname)s:     %(message)s")
     cli.log(f"serving {s.model} as {name!r} on http://{s.host}:{s.port}/v1 (chat page at /)")
     if key is None and not _loopback(s.host):

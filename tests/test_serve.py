@@ -155,13 +155,16 @@ def test_concurrent_requests_share_the_running_batch(served):
         results[i] = complete(client, prompt=prompts[i], max_tokens=10, temperature=0.9, seed=i)["choices"][0]["text"]
 
     before, submitted = client.get("/health").json(), batcher.submitted
-    with batcher.busy:  # the engine is "busy": all three arrive while it is
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while batcher.submitted < submitted + 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    gate = threading.Event()
+    held = batcher.call(gate.wait)  # the worker is busy: all three arrive while it is
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while batcher.submitted < submitted + 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    assert held.result(timeout=30) is True
     for t in threads:
         t.join()
     after = client.get("/health").json()
@@ -278,3 +281,17 @@ def test_openai_client_against_the_real_command(tiny_checkpoint):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "Traceback" not in out
+
+
+def test_serve_loads_the_model_on_its_worker_thread(tiny_checkpoint, monkeypatch):
+    """The thread that runs the model loads it too: the main thread never starts an OpenMP team of its own."""
+    import leangpt.checkpoint
+    from leangpt.errors import UserError
+    from leangpt.serve import ServeSettings, serve
+
+    def load(*_):
+        raise UserError(threading.current_thread().name)
+
+    monkeypatch.setattr(leangpt.checkpoint, "load_checkpoint", load)
+    with pytest.raises(UserError, match="^leangpt-serve-worker"):
+        serve(ServeSettings(model=tiny_checkpoint))

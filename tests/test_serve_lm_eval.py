@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from leangpt.checkpoint import load_checkpoint
 from leangpt.engine import Engine
+from leangpt import serve
 from leangpt.serve import create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,3 +180,15 @@ def test_lm_eval_local_completions_agrees_with_in_process(tiny_checkpoint, tmp_p
     ours, theirs = loglikelihoods(local), loglikelihoods(served)
     assert len(ours) == len(theirs) == 12
     assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(ours, theirs))
+
+
+def test_scoring_runs_on_the_worker_thread(served, monkeypatch):
+    """One thread runs every torch op of a server (two OpenMP teams on few cores slow each step down 4x)."""
+    client = served[0]
+    batcher = client.app.state.server.batcher
+    worker = batcher.call(threading.get_ident).result(timeout=30)
+    seen = []
+    original = serve._scored_logprobs
+    monkeypatch.setattr(serve, "_scored_logprobs", lambda *a: (seen.append(threading.get_ident()), original(*a))[1])
+    complete(client, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
+    assert seen == [worker] and worker != threading.get_ident()
