@@ -697,6 +697,7 @@ def serve(s: ServeSettings) -> dict[str, Any]:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
     server.run()  # a port already taken is logged and exits 1
+    worker.shutdown()
     stats = app.state.server.batcher.stats
     return {"model": name, "batches": stats.batches, "rows": stats.rows, "completion_tokens": stats.tokens}
 
