@@ -9,7 +9,7 @@ batch after the step that follows, and a queued one is skipped without being pre
 Every torch op of the server runs on that one thread: the steps, scoring (Batcher.call), and in `leangpt serve`
 the model load too. libgomp gives each thread that enters a parallel region a team of its own; with two teams
 on a machine of few cores it counts more threads than cores and stops spinning between regions, so each of a
-step's kernels waits for a sleeping helper to wake: a 64-token request took 0.18 s instead of 0.04 s.
+step's kernels waits for a sleeping OpenMP pool thread to wake: a 64-token request took 0.18 s instead of 0.04 s.
 """
 
 from __future__ import annotations
