@@ -13,7 +13,8 @@ The peer, nanogpt-char, is nanoGPT README's CPU recipe (a character model: 4 lay
 AdamW with beta2 0.99, warmup 100 steps, cosine to lr/10) trained on the characters of the same train documents
 and scored on the characters of the same val documents, so that its bits per byte compare directly.
 
-Also reported: tokens/s, and the optimizer's share of step time at each recipe's shape.
+Also reported: tokens/s, and the optimizer's share of step time, timed around every optimizer.step() of the
+probe's own training (same shape, precision and code path as the runs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import math
 import shutil
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from leangpt import distributed
 from leangpt.cli import apply_overrides
@@ -43,12 +44,12 @@ from leangpt.evaluate import EvalSettings, evaluate, evaluate_tokens
 from leangpt.machine import describe
 from leangpt.model import GPT
 from leangpt.schedules import learning_rate
-from leangpt.train import TrainConfig, configure_optimizer, train
+from leangpt.train import TrainConfig, train
 
 COMMON = dict(eval_every=0, eval_tokens=4096, log_every=1, save_every=0, keep_last=1, precision="auto")
 RECIPES: dict[str, dict] = {
     # The pipeline's training before optimizer=muon: GPT-2 small-cpu, AdamW at 1e-3, 16 x 256 tokens per step.
-    "adamw-small-cpu": dict(preset="small-cpu", batch_size=16, lr=1e-3),
+    "adamw-small-cpu": dict(preset="small-cpu", batch_size=16, lr=1e-3, optimizer="adamw"),
     # Qwen3's architecture (RoPE, RMSNorm, QK-norm, SwiGLU, untied head, no biases, zero-initialised output
     # projections) with Muon on its matrices: at small-cpu's width, and at the narrower cpu-5min preset's.
     "muon-qwen3": dict(preset="small-cpu-qwen3", batch_size=16, lr=3e-3, optimizer="muon", muon_lr=0.02,
@@ -84,16 +85,50 @@ def seconds_per_step(metrics: Path) -> float:
     return (t1 - t0) / (s1 - s0)
 
 
-@functools.cache
-def probe_step_time(spec: str, data: Path, work: Path) -> float:
-    """The recipe's steady step time, measured once per process (seeds and budgets share it)."""
-    probe = work / "probe"
-    train(recipe_config(spec, 0, PROBE_STEPS), data, probe, overwrite=True, progress=False)
-    return seconds_per_step(probe / "metrics.jsonl")
+def probe(spec: str, data: Path, work: Path, probes: dict[str, dict]) -> dict:
+    """The recipe's steady step time and the optimizer's share of it, from a short training run of its own.
+
+    Measured once per recipe and kept in `probes` (saved with --probes), so that the runs' step counts come
+    from a quiet probe even when the runs themselves share the machine.
+    """
+    if spec not in probes:
+        timer = OptimizerTimer()
+        with timer:
+            train(recipe_config(spec, 0, PROBE_STEPS), data, work / "probe", overwrite=True, progress=False)
+        step_s = seconds_per_step(work / "probe" / "metrics.jsonl")
+        probes[spec] = {"seconds_per_step": step_s, "optimizer_share": timer.steady_per_step() / step_s}
+    return probes[spec]
 
 
-def leangpt_run(spec: str, budget: float, seed: int, data: Path, work: Path) -> dict:
-    steps = max(PROBE_STEPS, int(budget / probe_step_time(spec, data, work)))
+class OptimizerTimer:
+    """Wall time of every optimizer.step() in the process while active (torch's global step hooks)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, list[float]] = {}  # per optimizer: the seconds of each of its steps
+        self._start = 0.0
+
+    def __enter__(self) -> "OptimizerTimer":
+        self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        self._start = time.perf_counter()
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        self.calls.setdefault(id(optimizer), []).append(time.perf_counter() - self._start)
+
+    def steady_per_step(self) -> float:
+        """Seconds per training step in all its optimizers, skipping the first steps (state allocation)."""
+        return sum(statistics.median(times[3:]) for times in self.calls.values())
+
+
+def leangpt_run(spec: str, budget: float, seed: int, data: Path, work: Path, probes: dict[str, dict]) -> dict:
+    measured = probe(spec, data, work, probes)
+    steps = max(PROBE_STEPS, int(budget / measured["seconds_per_step"]))
     out = work / "run"
     cfg = recipe_config(spec, seed, steps)
     final = train(cfg, data, out, overwrite=True, progress=False)
@@ -102,36 +137,8 @@ def leangpt_run(spec: str, budget: float, seed: int, data: Path, work: Path) -> 
     return {"recipe": spec, "budget_s": budget, "seed": seed, "steps": steps, "train_time_s": final["train_time_s"],
             "tokens": final["tokens"], "tokens_per_s": final["tokens_per_s"], "params": final["params"],
             "val_bits_per_byte": val["bits_per_byte"], "val_tokens": val["tokens"],
-            "compute_dtype": final["compute_dtype"],
-            "optimizer_share": optimizer_share(spec, data, final["compute_dtype"])}
-
-
-@functools.cache
-def optimizer_share(spec: str, data: Path, dtype_name: str) -> float:
-    """Median optimizer.step() time over median whole-step time (forward, backward, step) at the recipe's shape
-    and the run's compute dtype."""
-    cfg = recipe_config(spec, 0, 1)
-    tokenizer = TextTokenizer.load(data)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig.from_preset(cfg.preset, vocab_size=tokenizer.vocab_size, **cfg.model))
-    params = {n: p for n, p in torch.nn.ModuleDict({"model": model}).named_parameters()}
-    optimizers = configure_optimizer(params, cfg, torch.device("cpu"))
-    x = torch.randint(0, tokenizer.vocab_size, (cfg.batch_size, model.config.block_size + 1))
-    dtype = getattr(torch, dtype_name)
-    totals, steps = [], []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
-        loss.backward()
-        t1 = time.perf_counter()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
-        totals.append(t2 - t0)
-        steps.append(t2 - t1)
-    return statistics.median(steps[1:]) / statistics.median(totals[1:])
+            "compute_dtype": final["compute_dtype"], "probe_seconds_per_step": measured["seconds_per_step"],
+            "optimizer_share": measured["optimizer_share"]}
 
 
 def char_splits(data: Path) -> tuple[list[str], list[str]]:
@@ -220,6 +227,13 @@ def time_to_reach(summary: list[dict], recipe: str, target: float) -> str:
     return "in none of the budgets run"
 
 
+def save_probes(path: Path | None, probes: dict[str, dict]) -> None:
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(probes, indent=1))
+        tmp.replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", default=f"adamw-small-cpu,muon-cpu-5min,{PEER}")
@@ -228,17 +242,28 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "leangpt-bench-recipe")
     p.add_argument("--json", type=Path)
+    p.add_argument("--probes", type=Path, help="JSON of each recipe's probe: read if it exists, written after each "
+                   "new probe (measure them on a quiet machine; the runs may then share it)")
+    p.add_argument("--probe-only", action="store_true", help="measure the recipes' probes, then stop")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = prepared_data(args.cache)
     work = Path(tempfile.mkdtemp(dir=args.cache))  # the probes' and runs' checkpoints, removed at the end
     recipes = args.recipes.split(",")
+    probes = json.loads(args.probes.read_text()) if args.probes and args.probes.exists() else {}
+    if args.probe_only:
+        for recipe in (r for r in recipes if r != PEER):  # the peer's steps come from its own timing
+            print(recipe, json.dumps(probe(recipe, data, work / recipe, probes)), flush=True)
+            save_probes(args.probes, probes)
+        shutil.rmtree(work)
+        return
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             for recipe in recipes:
                 row = (nanogpt_char_run(budget, seed, data) if recipe == PEER
-                       else leangpt_run(recipe, budget, seed, data, work / recipe))
+                       else leangpt_run(recipe, budget, seed, data, work / recipe, probes))
+                save_probes(args.probes, probes)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     summary = summarize(rows)
