@@ -343,7 +343,7 @@ def _start(cfg: TrainConfig, data: Path, out: Path, init: Path | None, overwrite
                            cfg.sft_val_fraction)
     wrapped, holder = _prepare_model(model, aux_module, cfg, world, device, block_size, dtype)
     params = {n: p for n, p in holder.named_parameters() if p.requires_grad}
-    optimizers = configure_optimizer(params, cfg, device)
+    optimizers = configure_optimizer(params, cfg, device, dtype)
     meta = {"kind": "train", "parent": str(parent) if parent else None, "data": str(data),
             "train_config": dataclasses.asdict(cfg), **extra_meta}
     run_state = {"model_config": model.config.to_dict(), "data": fingerprint,

@@ -52,10 +52,55 @@ def muon_param_names(params: dict[str, torch.nn.Parameter]) -> list[str]:
     return [name for name, p in params.items() if p.dim() == 2 and name.startswith("model.blocks.")]
 
 
-def configure_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig,
-                        device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW with weight decay on matrices only (not on biases or norm scales); with optimizer=muon, torch's Muon
-    takes the hidden matrices and AdamW the rest. Each group keeps its peak lr as "base_lr" for the schedule.
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Keller Jordan's quintic Newton–Schulz iteration (torch's, in `dtype`): G's orthogonalisation, roughly
+    U S' V^T with S' near 1, computed on the wide orientation so the Gram matrix is the small one."""
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = (g.T if tall else g).to(dtype)
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon (Nesterov momentum, the quintic iteration, "original" lr scaling sqrt(max(1, rows / cols)),
+    decoupled weight decay, the same state) with the iteration in `ns_dtype`. torch's always iterates in bf16,
+    which on a CPU without bf16 matrix instructions is several times slower than fp32 (a 256 x 704 Gram
+    product: 5.3 ms against 0.7 ms on an AVX2-only EPYC); there training runs in fp32 and so does this."""
+
+    def __init__(self, params: list[dict], *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs: float) -> None:
+        super().__init__(params, adjust_lr_fn="original", **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        if closure is not None:
+            raise ValueError("leangpt's Muon takes no closure")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+
+
+def configure_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
+                        dtype: torch.dtype = torch.bfloat16) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices only (not on biases or norm scales); with optimizer=muon, Muon takes
+    the hidden matrices, iterating in the step's compute `dtype`, and AdamW the rest. Each group keeps its peak
+    lr as "base_lr" for the schedule.
 
     The fused AdamW kernel (CPU and CUDA) skips a step itself when `found_inf` is set, with no host sync.
     """
@@ -69,9 +114,8 @@ def configure_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig,
         torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))]
     if hidden:
         group = {"params": [params[n] for n in hidden], "base_lr": cfg.muon_lr}
-        # "original" scales each matrix's lr by sqrt(max(1, rows / cols)), as Keller Jordan's Muon does
-        optimizers.append(torch.optim.Muon([group], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
-                                           momentum=cfg.muon_momentum, adjust_lr_fn="original"))
+        optimizers.append(Muon([group], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                               momentum=cfg.muon_momentum, ns_dtype=dtype))
     return optimizers
 
 

@@ -11,7 +11,7 @@ from leangpt import train_state
 from leangpt.config import ModelConfig
 from leangpt.model import GPT
 from leangpt.train import TrainConfig
-from leangpt.train_step import MUON_START_MOMENTUM, configure_optimizer, muon_param_names, schedule_optimizers
+from leangpt.train_step import MUON_START_MOMENTUM, Muon, configure_optimizer, muon_param_names, schedule_optimizers
 from tests.conftest import run_cli
 from tests.test_train_dist import BASE, losses, run
 from tests.test_train_resume import COMMON, leangpt, wait_for_state, weights
@@ -56,11 +56,12 @@ def test_hidden_matrices_go_to_muon_and_the_rest_to_adamw(tie):
     assert len(only_adam) == 1 and isinstance(only_adam[0], torch.optim.AdamW)
 
 
-def test_newton_schulz_output_is_nearly_orthogonal_and_the_update_is_the_direct_one():
+@pytest.mark.parametrize("ns_dtype, tolerance", [(torch.bfloat16, 2e-3), (torch.float32, 1e-5)])
+def test_newton_schulz_output_is_nearly_orthogonal_and_the_update_is_the_direct_one(ns_dtype, tolerance):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(96, 32))  # tall: the lr is scaled by sqrt(96 / 32)
     grads = [torch.randn(96, 32) for _ in range(3)]
-    opt = torch.optim.Muon([w], lr=0.02, momentum=0.9, weight_decay=0.0, adjust_lr_fn="original")
+    opt = Muon([{"params": [w]}], lr=0.02, momentum=0.9, weight_decay=0.0, ns_dtype=ns_dtype)
     want, buf = w.detach().double().clone(), torch.zeros(96, 32, dtype=torch.float64)
     for g in grads:
         w.grad = g.clone()
@@ -74,7 +75,30 @@ def test_newton_schulz_output_is_nearly_orthogonal_and_the_update_is_the_direct_
         u, _, vh = torch.linalg.svd(0.1 * g.double() + 0.9 * buf, full_matrices=False)
         cos = (update * (u @ vh)).sum() / (update.norm() * (u @ vh).norm())
         assert cos > 0.98  # it points along U V^T, the orthogonalised momentum
-    torch.testing.assert_close(w.detach().double(), want, rtol=0, atol=2e-3 * float(want.abs().max()))
+    torch.testing.assert_close(w.detach().double(), want, rtol=0, atol=tolerance * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 40)])
+def test_bf16_iteration_is_torchs_muon_bit_for_bit(shape):
+    torch.manual_seed(0)
+    ours, theirs = (torch.nn.Parameter(torch.randn(shape)) for _ in range(2))
+    theirs.data.copy_(ours.data)
+    kwargs = dict(lr=0.02, momentum=0.9, weight_decay=0.1)
+    opts = [Muon([{"params": [ours]}], **kwargs), torch.optim.Muon([theirs], adjust_lr_fn="original", **kwargs)]
+    for _ in range(3):
+        g = torch.randn(shape)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(ours, theirs)
+    assert torch.equal(opts[0].state[ours]["momentum_buffer"], opts[1].state[theirs]["momentum_buffer"])
+
+
+def test_muon_iterates_in_the_training_dtype():
+    params = holder_params(GPT(ModelConfig.from_preset("tiny", vocab_size=100)))
+    for dtype in (torch.float32, torch.bfloat16):
+        _, muon = configure_optimizer(params, MUON, torch.device("cpu"), dtype)
+        assert muon.ns_dtype == dtype
 
 
 def test_schedule_scales_both_lrs_and_warms_muon_momentum_up():
