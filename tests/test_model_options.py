@@ -64,7 +64,11 @@ def test_saved_options_give_transformers_the_same_logits(tmp_path, variant):
     assert type(ref).__name__ == hf_class
     x = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=0)
+        theirs = ref(x).logits
+        # These random weights give logits near 10: fp32 products summed in another order (transformers'
+        # separate q/k/v against the fused qkv, AVX2's kernels) differ by a few of its ulps. The default
+        # recipe's model is held to 1e-5 absolute in test_qwen3_downstream.
+        torch.testing.assert_close(model(x), theirs, atol=3e-6 * float(theirs.abs().max()), rtol=0)
         torch.testing.assert_close(load_model(tmp_path)(x), model(x), atol=0, rtol=0)  # and back, exactly
     # Every option but the initialisation, which is not part of the saved model.
     assert load_model(tmp_path).config == dataclasses.replace(model.config, zero_init_proj=False)

@@ -223,8 +223,11 @@ def write_onnx(src: Source, directory: Path, type_name: str) -> dict[str, Any]:
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer advises pre-processing through the root logger on every call
         try:
+            # reduce_range (7-bit weights): without VNNI, onnxruntime's u8 x s8 kernels sum pairs in int16 and
+            # saturate on full-range weights (KL to fp32 0.015 on an AVX2-only EPYC, against < 1e-3 with it)
             quantize_dynamic(fp32_path, directory / "model.onnx", weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"], use_external_data_format=weight_bytes > 1 << 30)
+                             reduce_range=True, op_types_to_quantize=["MatMul"],
+                             use_external_data_format=weight_bytes > 1 << 30)
         finally:
             root.setLevel(level)
         for f in directory.glob("model-fp32.onnx*"):
