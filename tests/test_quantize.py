@@ -57,7 +57,8 @@ def test_every_kernel_equals_dequantize_then_matmul(scheme, shape):
 @pytest.mark.parametrize("kernel,shape,group", [
     ("inductor", (96, 128), 64), ("inductor", (40, 100), 64), ("inductor", (64, 7), 48), ("inductor", (24, 200), 32),
     ("inductor", (48, 256), 128), ("inductor-int8", (96, 128), None), ("inductor-int8", (40, 100), None),
-    ("inductor-int8", (7, 33), None)], ids=lambda v: str(v))
+    ("inductor-int8", (7, 33), None), ("inductor-int8-words", (96, 128), None),
+    ("inductor-int8-words", (40, 100), None), ("inductor-int8-words", (7, 33), None)], ids=lambda v: str(v))
 def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
     """The fused kernels (one row: decode at batch 1; a few rows: speculative verification, small batches) and
     their many-row route equal dequantize-then-matmul, for 4-bit groups of 32/48/64/128 also where in_features
@@ -85,8 +86,8 @@ def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
             assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE[kernel]
 
 
-@pytest.mark.parametrize("kernel,scheme", [("inductor", Scheme(4, 32)), ("inductor-int8", Scheme(8))],
-                         ids=["int4", "int8"])
+@pytest.mark.parametrize("kernel,scheme", [("inductor", Scheme(4, 32)), ("inductor-int8", Scheme(8)),
+                                           ("inductor-int8-words", Scheme(8))], ids=["int4", "int8", "int8-words"])
 def test_fused_kernel_falls_back_when_it_cannot_compile(monkeypatch, kernel, scheme):
     import torch._inductor.compile_fx as compile_fx
 
@@ -264,7 +265,7 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
     prompt = [1, 2, 3, 4]
     greedy = SamplingConfig(temperature=0)
     ref_text = list(generate_ids(twin, prompt, 24, greedy))
-    weight_only = {"reference", "int8pack", "int4pack", "inductor", "inductor-int8"}  # float activations: same greedy text
+    weight_only = {"reference", "int8pack", "int4pack", "inductor", "inductor-int8", "inductor-int8-words"}  # float activations: same greedy text
     scheme = Scheme(8) if which == "int8" else Scheme(4, 32)
     vocab = twin.config.vocab_size  # a quantized head's shape may rule kernels out
     for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):
