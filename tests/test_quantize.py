@@ -265,7 +265,8 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
     prompt = [1, 2, 3, 4]
     greedy = SamplingConfig(temperature=0)
     ref_text = list(generate_ids(twin, prompt, 24, greedy))
-    weight_only = {"reference", "int8pack", "int4pack", "inductor", "inductor-int8", "inductor-int8-words"}  # float activations: same greedy text
+    # float activations: the same greedy text
+    weight_only = {"reference", "int8pack", "int4pack", "inductor", "inductor-int8", "inductor-int8-words"}
     scheme = Scheme(8) if which == "int8" else Scheme(4, 32)
     vocab = twin.config.vocab_size  # a quantized head's shape may rule kernels out
     for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):
