@@ -15,7 +15,7 @@ from conftest import run_cli
 from leangpt.checkpoint import load_checkpoint, load_model
 from leangpt.errors import UserError
 from leangpt.generate import SamplingConfig, generate_ids
-from leangpt.quant import kernels
+from leangpt.quant import kernels, native
 from leangpt.quant.formats import QuantizedWeight, Scheme, pack_int4, quantize_rtn, unpack_int4
 from leangpt.quant.gptq import gptq_quantize
 from leangpt.quant.kernels import EAGER_DEQUANT_ROWS, KERNELS, TOLERANCE, candidates, choose_kernel, relative_error
@@ -58,7 +58,10 @@ def test_every_kernel_equals_dequantize_then_matmul(scheme, shape):
     ("inductor", (96, 128), 64), ("inductor", (40, 100), 64), ("inductor", (64, 7), 48), ("inductor", (24, 200), 32),
     ("inductor", (48, 256), 128), ("inductor-int8", (96, 128), None), ("inductor-int8", (40, 100), None),
     ("inductor-int8", (7, 33), None), ("inductor-int8-words", (96, 128), None),
-    ("inductor-int8-words", (40, 100), None), ("inductor-int8-words", (7, 33), None)], ids=lambda v: str(v))
+    ("inductor-int8-words", (40, 100), None), ("inductor-int8-words", (7, 33), None),
+    ("native-int4", (96, 128), 64), ("native-int4", (40, 100), 64), ("native-int4", (24, 200), 32),
+    ("native-int4", (48, 256), 128), ("native-int4", (5, 7), 32), ("native-int8", (96, 128), None),
+    ("native-int8", (40, 100), None), ("native-int8", (7, 33), None)], ids=lambda v: str(v))
 def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
     """The fused kernels (one row: decode at batch 1; a few rows: speculative verification, small batches) and
     their many-row route equal dequantize-then-matmul, for 4-bit groups of 32/48/64/128 also where in_features
@@ -80,6 +83,7 @@ def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
         assert relative_error(y, F.linear(x, qw.dequantize(), bias)) <= TOLERANCE[kernel], rows
     assert module(torch.randn(1, in_f, dtype=torch.bfloat16)).dtype == torch.bfloat16
     if shape == (40, 100):  # inside a whole-model torch.compile the same tensor ops are traced, not called
+        torch._dynamo.reset()  # each kernel's module recompiles QuantLinear.forward: stay below the recompile limit
         for n in (1, few + 1):
             x = torch.randn(n, in_f, generator=gen)
             y = torch.compile(module, fullgraph=True, dynamic=False)(x)
@@ -107,6 +111,30 @@ def test_fused_kernel_falls_back_when_it_cannot_compile(monkeypatch, kernel, sch
     assert relative_error(y, F.linear(x, qw.dequantize())) <= 1e-5
     timings = kernels.benchmark_kernels(scheme, 16, 40, CPU)
     assert timings[kernel] is None and timings["reference"] is not None
+
+
+def test_native_kernels_drop_out_when_they_cannot_be_built(monkeypatch):
+    """No compiler (or a build error): one warning, the native kernels are no candidates, the others run."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "_loaded", None)
+    with pytest.warns(UserWarning, match="C\\+\\+ kernels could not be built here.*no C\\+\\+ compiler"):
+        names = candidates(Scheme(8), CPU, 64, 64)
+    assert "native-int8" not in names and "reference" in names
+    assert "native-int4" not in candidates(Scheme(4, 32), CPU, 64, 64)
+    with pytest.raises(RuntimeError, match="cannot run"):
+        KERNELS["native-int8"](quantize_rtn(torch.randn(8, 8), Scheme(8)), None, CPU)
+
+
+def test_native_build_directory_depends_on_source_torch_and_cpu(monkeypatch):
+    first = native.build_directory()
+    assert first.parent == native.cache_dir() / "native"
+    monkeypatch.setattr(native, "_cpuinfo", lambda: {"model name": "another CPU", "flags": "sse2"})
+    assert native.build_directory() != first
 
 
 def test_int4_packing_round_trip_and_format():
@@ -266,7 +294,8 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
     greedy = SamplingConfig(temperature=0)
     ref_text = list(generate_ids(twin, prompt, 24, greedy))
     # float activations: the same greedy text
-    weight_only = {"reference", "int8pack", "int4pack", "inductor", "inductor-int8", "inductor-int8-words"}
+    weight_only = {"reference", "int8pack", "int4pack", "inductor", "inductor-int8", "inductor-int8-words",
+                   "native-int8", "native-int4"}
     scheme = Scheme(8) if which == "int8" else Scheme(4, 32)
     vocab = twin.config.vocab_size  # a quantized head's shape may rule kernels out
     for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):

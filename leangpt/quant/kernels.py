@@ -24,6 +24,7 @@ from leangpt.cpu_linear import stored
 from leangpt.device import sync
 from leangpt.errors import UserError
 from leangpt.machine import cached, machine_key
+from leangpt.quant import native
 from leangpt.quant.formats import QuantizedWeight, Scheme, quantize_rtn
 
 
@@ -420,15 +421,94 @@ class InductorInt8WordsLinear(FusedLinear):
         return self.words, self.qscales
 
 
+class NativeLinear(QuantLinear):
+    """Base of the kernels in leangpt's own C++ (native.cpp, built once per machine for its instruction set):
+    up to `gemv_rows` rows of activations take a product that reads the stored integers once per row at their
+    width and converts them in registers; more rows dequantize the layer once per call, then matmul. Float
+    activations and accumulation: dequantize-then-matmul up to float rounding. Inside a compiled model the
+    operators are called from the compiled graph."""
+
+    gemv_rows = GEMV_ROWS
+    in_pad = 0
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        if not self.available(qw.scheme, device, qw.out_features, qw.in_features):
+            raise RuntimeError(f"kernel {self.kernel!r} cannot run {qw.scheme.name} on {device} here")
+        super().__init__(qw, bias, device)
+
+    @staticmethod
+    def native_available(device: torch.device) -> bool:
+        return device.type == "cpu" and native.available()
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.in_pad > x.shape[1]:
+            xf = F.pad(xf, (0, self.in_pad - x.shape[1]))
+        xf, ops = xf.contiguous(), torch.ops.leangpt_native
+        if xf.shape[0] <= self.gemv_rows:
+            y = (ops.int8_gemv if self.scheme.bits == 8 else ops.int4_gemv)(xf, *self.weights())
+        else:
+            y = F.linear(xf, (ops.int8_dequant if self.scheme.bits == 8 else ops.int4_dequant)(*self.weights()))
+        return y.to(x.dtype)
+
+
+class NativeInt8Linear(NativeLinear):
+    """int8 per output channel from the stored (out, in) integers."""
+
+    kernel = "native-int8"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        self.register_buffer("q", qw.qweight.contiguous().to(device), persistent=False)
+        self.register_buffer("qscales", qw.scales.float().contiguous().to(device), persistent=False)
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return scheme.bits == 8 and NativeLinear.native_available(device)
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.q, self.qscales
+
+
+class NativeInt4Linear(NativeLinear):
+    """int4 groups (a multiple of 32 inputs) from nibbles packed per block of 32 inputs: byte j holds input j
+    in its low nibble and input j + 16 in its high one, so one 16-byte load unpacks into four 8-lane vectors
+    of consecutive inputs. A shorter last group is padded with zero columns."""
+
+    kernel = "native-int4"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
+        super().__init__(qw, bias, device)
+        g = qw.scheme.group_size
+        self.in_pad = -(-qw.in_features // g) * g
+        q = F.pad(qw.int_weight(), (0, self.in_pad - qw.in_features)).view(qw.out_features, -1, 2, 16)
+        packed = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(qw.out_features, -1)  # (out, in_pad/2)
+        self.register_buffer("packed", packed.contiguous().to(device), persistent=False)
+        self.register_buffer("qscales", qw.scales.float().contiguous().to(device), persistent=False)  # (out, G)
+        szeros = (qw.scales * qw.zeros.float()).contiguous()
+        self.register_buffer("szeros", szeros.to(device), persistent=False)
+
+    @staticmethod
+    def available(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> bool:
+        return scheme.bits == 4 and scheme.group_size % 32 == 0 and NativeLinear.native_available(device)
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.qscales, self.szeros
+
+
 KERNELS: dict[str, type[QuantLinear]] = {k.kernel: k for k in (
     ReferenceLinear, FbgemmLinear, FbgemmGroupsLinear, Int8PackLinear, Int4PackCPULinear, Int4PackCUDALinear,
-    InductorLinear, InductorInt8Linear, InductorInt8WordsLinear)}
+    InductorLinear, InductorInt8Linear, InductorInt8WordsLinear, NativeInt8Linear, NativeInt4Linear)}
 
 # Relative output error a kernel may show against `reference` and still count as correct: float
 # rounding for weight-only kernels, bf16 activations for CUDA's int4 kernel, 7-bit dynamic activation
 # quantization for FBGEMM (~1 %).
 TOLERANCE = {"reference": 1e-5, "int8pack": 1e-3, "int4pack": 1e-3, "int4pack-cuda": 0.02, "inductor": 1e-5,
-             "inductor-int8": 1e-5, "inductor-int8-words": 1e-5, "fbgemm": 0.05, "fbgemm-groups": 0.05}
+             "inductor-int8": 1e-5, "inductor-int8-words": 1e-5,
+             "native-int8": 1e-5, "native-int4": 1e-5, "fbgemm": 0.05, "fbgemm-groups": 0.05}
 
 
 def candidates(scheme: Scheme, device: torch.device, out_features: int, in_features: int) -> list[str]:

@@ -1,0 +1,70 @@
+"""leangpt's own C++ CPU kernels (native.cpp): built on first use with the machine's C++ compiler for its own
+instruction set (-march=native), kept under the user's cache directory, and loaded as the torch operators
+torch.ops.leangpt_native.*, so that a later process only loads the library (~0.1 s instead of ~20 s).
+
+The build directory is named after a hash of the source, torch's version, the compiler flags and the CPU, so a
+changed source, a torch upgrade or a home directory shared by different CPUs never loads a stale library.
+Where no compiler is found or the build fails, available() is False and the layers use the other kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from leangpt.machine import _cpuinfo, cache_dir
+
+SOURCE = Path(__file__).with_name("native.cpp")
+CFLAGS = ["-O3", "-march=native"]
+_loaded: bool | None = None  # None: not tried yet in this process
+
+
+def build_directory() -> Path:
+    info = _cpuinfo()
+    key = "|".join((SOURCE.read_text(), torch.__version__, " ".join(CFLAGS), info.get("model name", ""),
+                    info.get("flags", "")))
+    return cache_dir() / "native" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def available() -> bool:
+    """Whether the operators are loaded, building them first if this machine has not yet."""
+    global _loaded
+    if _loaded is None:
+        _loaded = False
+        try:
+            from torch.utils.cpp_extension import load
+
+            directory = build_directory()
+            directory.mkdir(parents=True, exist_ok=True)
+            load("leangpt_native", [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
+                 is_python_module=False, verbose=False)
+            _register_fakes()
+            _loaded = True
+        except Exception as e:  # no compiler, no ninja, a build error: the other kernels still run
+            warnings.warn(f"leangpt's C++ kernels could not be built here, so quantized layers use the others: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    return _loaded
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile's tracing, which calls the operators inside compiled decode steps."""
+    lib = "leangpt_native::"
+
+    @torch.library.register_fake(lib + "int8_gemv")
+    def _(x, q, scales):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake(lib + "int4_gemv")
+    def _(x, packed, scales, szeros):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake(lib + "int8_dequant")
+    def _(q, scales):
+        return scales.new_empty(q.shape)
+
+    @torch.library.register_fake(lib + "int4_dequant")
+    def _(packed, scales, szeros):
+        return scales.new_empty(packed.shape[0], packed.shape[1] * 2)
