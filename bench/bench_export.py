@@ -4,7 +4,8 @@ For one checkpoint, in this one process:
 
   speed     prefill and decode tokens/s at each --batch, greedy, --prompt-tokens random ids, --new-tokens with
             no early stop, timed as `leangpt bench` times leangpt (time to the first token, then the rest): leangpt
-            eager (and --compile), llama.cpp on the GGUF exports (f32, q8_0, q4_0; --threads threads; batch > 1 as
+            eager (and --compile), leangpt compiled on each --quantized checkpoint beside llama.cpp on that
+            checkpoint's own GGUF export (the same integers), llama.cpp on the GGUF exports (f32, q8_0, q4_0; --threads threads; batch > 1 as
             parallel sequences through llama.cpp's batch API), onnxruntime on the ONNX exports (f32, int8). Every
             round runs each runtime in turn (leangpt.machine.paired_medians), so load from other processes falls
             on all alike; medians of --repeats rounds after one warm-up.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from leangpt.bench import timed_run
-from leangpt.checkpoint import load_checkpoint
+from leangpt.checkpoint import load_checkpoint, load_model
 from leangpt.data.shards import Dataset
 from leangpt.engine import Engine
 from leangpt.evaluate import evaluate_tokens
@@ -53,8 +54,11 @@ class RuntimeAsModel(torch.nn.Module):
         return torch.from_numpy(self.runner.forward(idx.tolist(), 0, all_logits=True))
 
 
-def exports(model: Path, work: Path) -> dict[str, Path]:
+def exports(model: Path, quantized: list[Path], work: Path) -> dict[str, Path]:
     files = {}
+    for ckpt in quantized:  # its own integers in llama.cpp's format (q8_0 / q4_1): the same weights
+        files[f"gguf-{ckpt.name}"] = work / f"{ckpt.name}.gguf"
+        export(ExportSettings(model=ckpt, format="gguf", out=files[f"gguf-{ckpt.name}"], progress=False))
     for t in GGUF_TYPES:
         files[f"gguf-{t}"] = work / f"model-{t}.gguf"
         export(ExportSettings(model=model, format="gguf", out=files[f"gguf-{t}"], type=t, progress=False))
@@ -73,11 +77,13 @@ def speed_candidates(args: argparse.Namespace, files: dict[str, Path], batch: in
     model, _, _ = load_checkpoint(args.model)
     vocab, context = model.config.vocab_size, args.prompt_tokens + args.new_tokens
     prompts = np.random.default_rng(0).integers(0, vocab, (batch, args.prompt_tokens)).tolist()
+    engines = {name: (model, compile) for name, compile in (("leangpt eager", False), ("leangpt compiled", True))
+               if args.compile or not compile}
+    # leangpt's default path (compiled) on each quantized checkpoint, beside llama.cpp on its GGUF export
+    engines.update({f"leangpt {ckpt.name}": (load_model(ckpt), True) for ckpt in args.quantized})
     candidates: dict[str, Callable[[], dict]] = {}
-    for name, compile in (("leangpt eager", False), ("leangpt compiled", True)):
-        if compile and not args.compile:
-            continue
-        engine = Engine(model, compile=compile)
+    for name, (net, compile) in engines.items():
+        engine = Engine(net, compile=compile)
         timed_run(engine, batch, args.prompt_tokens, args.new_tokens, seed=0)  # compiles before timing
         candidates[name] = lambda e=engine: dict(zip(("ttft", "decode"), timed_run(
             e, batch, args.prompt_tokens, args.new_tokens, seed=1)))
@@ -96,6 +102,18 @@ def speed(args: argparse.Namespace, files: dict[str, Path]) -> list[dict[str, An
                          "prefill_tokens_per_s": round(batch * args.prompt_tokens / m["ttft"], 1),
                          "decode_tokens_per_s": round(batch * (args.new_tokens - 1) / m["decode"], 1)})
     return rows
+
+
+def same_weight_ratios(rows: list[dict[str, Any]]) -> list[tuple[str, str, int, float]]:
+    """leangpt's decode speed over llama.cpp's on the same weights: the float model against gguf-f32, each
+    quantized checkpoint against its own GGUF export."""
+    speed = {(r["runtime"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
+    out = []
+    for (name, batch), tok_s in speed.items():
+        theirs = "gguf-f32" if name == "leangpt compiled" else name.replace("leangpt ", "gguf-", 1)
+        if name.startswith("leangpt ") and name != "leangpt eager" and (theirs, batch) in speed:
+            out.append((name, theirs, batch, tok_s / speed[theirs, batch]))
+    return out
 
 
 def score(model: torch.nn.Module, args: argparse.Namespace, reference: torch.nn.Module | None = None) -> dict:
@@ -156,7 +174,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
-        files = exports(args.model, Path(work))
+        files = exports(args.model, args.quantized, Path(work))
         sizes = {k: sum(f.stat().st_size for f in ([v] if v.is_file() else v.glob("model.onnx*")))
                  for k, v in files.items()}
         results = {"command": " ".join(sys.argv), "model": str(args.model), "machine": describe(),
@@ -166,9 +184,11 @@ def main() -> None:
         if args.data:
             results["quality"] = quality(args, files, Path(work))
     results["load_average_after"] = os.getloadavg()
-    print(f"{'runtime':<18}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    print(f"{'runtime':<24}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}")
     for r in results["speed"]:
-        print(f"{r['runtime']:<18}{r['batch']:>6}{r['prefill_tokens_per_s']:>15,.0f}{r['decode_tokens_per_s']:>14,.0f}")
+        print(f"{r['runtime']:<24}{r['batch']:>6}{r['prefill_tokens_per_s']:>15,.0f}{r['decode_tokens_per_s']:>14,.0f}")
+    for ours, theirs, b, ratio in same_weight_ratios(results["speed"]):
+        print(f"decode, batch {b}: {ours} / llama.cpp {theirs} = {ratio:.2f}x")
     for r in results.get("quality", []):
         kl = f", KL {r['kl']:.2e}, top-1 {r['top1_agreement']:.4f}" if "kl" in r else ""
         if "kl_vs_leangpt_quantized" in r:

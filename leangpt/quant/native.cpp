@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LEANGPT_AVX2 1
@@ -23,7 +25,9 @@
 
 namespace {
 
-constexpr int64_t kOutBlock = 4;  // output rows computed together: each input vector is loaded once for four
+// Output rows computed together: each input vector is loaded once for all of them, and their independent
+// accumulators hide the latency of the multiply-adds.
+constexpr int64_t kInt8Block = 8, kInt4Block = 4;
 constexpr int64_t kWorkPerTask = 16384;  // weights per parallel task: small layers stay on one thread
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t k_of_w) {
@@ -33,38 +37,37 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t k_of_w) {
 }
 
 #ifdef LEANGPT_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+
+inline __m256 hsum8(const __m256* a) {  // lane i: the sum of a[i]'s lanes
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+inline __m128 hsum4(const __m256* a) {  // lane i: the sum of a[i]'s lanes
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 inline __m256 int8x8(const int8_t* p) {  // eight int8 weights as eight floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-inline __m256 nibbles8(__m128i bytes) {  // the low eight bytes (each 0..15) as eight floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-}
 #endif
 
-// y[n0:n1] of one input row for int8, n1 - n0 <= kOutBlock
+// y[n0:n1] of one input row for int8, n1 - n0 <= kInt8Block
 inline void int8_rows(const float* x, const int8_t* q, const float* scales, float* y, int64_t K, int64_t n0,
                       int64_t n1) {
 #ifdef LEANGPT_AVX2
-  if (n1 - n0 == kOutBlock && K % 8 == 0) {
-    const int8_t *w0 = q + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  if (n1 - n0 == kInt8Block && K % 8 == 0) {
+    const int8_t* w = q + n0 * K;
+    __m256 acc[kInt8Block];
+    for (int i = 0; i < kInt8Block; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(xv, int8x8(w0 + k), a0);
-      a1 = _mm256_fmadd_ps(xv, int8x8(w1 + k), a1);
-      a2 = _mm256_fmadd_ps(xv, int8x8(w2 + k), a2);
-      a3 = _mm256_fmadd_ps(xv, int8x8(w3 + k), a3);
+      for (int i = 0; i < kInt8Block; ++i) acc[i] = _mm256_fmadd_ps(xv, int8x8(w + i * K + k), acc[i]);
     }
-    y[n0] = hsum(a0) * scales[n0], y[n0 + 1] = hsum(a1) * scales[n0 + 1];
-    y[n0 + 2] = hsum(a2) * scales[n0 + 2], y[n0 + 3] = hsum(a3) * scales[n0 + 3];
+    _mm256_storeu_ps(y + n0, _mm256_mul_ps(hsum8(acc), _mm256_loadu_ps(scales + n0)));
     return;
   }
 #endif
@@ -76,37 +79,56 @@ inline void int8_rows(const float* x, const int8_t* q, const float* scales, floa
   }
 }
 
-// Σ_k x[k] q[n, k] * scales[n, g] over the groups of one output row (the zero points are applied by the caller)
-float int4_row(const float* x, const uint8_t* p, const float* scales, int64_t G, int64_t gs) {
-  float total = 0.f;
+// Σ_k x[k] q[n, k] scales[n, g] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one input row, into
+// out[0 : n1 - n0]; the zero points are applied by the caller. p: row n0's packed bytes, scales: row n0's.
+inline void int4_rows(const float* x, const uint8_t* p, const float* scales, float* out, int64_t K, int64_t G,
+                      int64_t n0, int64_t n1) {
+  const int64_t gs = K / G, half = K / 2;
 #ifdef LEANGPT_AVX2
-  __m256 sum = _mm256_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < G; ++g) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = g * gs; b < (g + 1) * gs; b += 32) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b / 2));
-      const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + b), nibbles8(lo), acc);
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + b + 8), nibbles8(_mm_unpackhi_epi64(lo, lo)), acc);
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + b + 16), nibbles8(hi), acc);
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + b + 24), nibbles8(_mm_unpackhi_epi64(hi, hi)), acc);
-    }
-    sum = _mm256_fmadd_ps(acc, _mm256_set1_ps(scales[g]), sum);
-  }
-  total = hsum(sum);
-#else
-  for (int64_t g = 0; g < G; ++g) {
-    float acc = 0.f;
-    for (int64_t b = g * gs; b < (g + 1) * gs; b += 32)
-      for (int64_t j = 0; j < 16; ++j) {
-        const uint8_t byte = p[b / 2 + j];
-        acc += x[b + j] * static_cast<float>(byte & 15) + x[b + 16 + j] * static_cast<float>(byte >> 4);
+  if (n1 - n0 == kInt4Block) {
+    // The 16 bytes of 32 inputs sit in both 128-bit lanes; an in-lane byte shuffle puts byte j (0..7, then 8..15)
+    // in the low byte of 32-bit lane j, whose low nibble is input j and whose value >> 4 is input j + 16.
+    const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                           4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    __m256 sum[kInt4Block], acc[kInt4Block];
+    for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      for (int i = 0; i < kInt4Block; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t b = g * gs; b < (g + 1) * gs; b += 32) {
+        const __m256 x0 = _mm256_loadu_ps(x + b), x1 = _mm256_loadu_ps(x + b + 8);
+        const __m256 x2 = _mm256_loadu_ps(x + b + 16), x3 = _mm256_loadu_ps(x + b + 24);
+        for (int i = 0; i < kInt4Block; ++i) {
+          const __m256i bytes =
+              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * half + b / 2)));
+          const __m256i d0 = _mm256_shuffle_epi8(bytes, first), d1 = _mm256_shuffle_epi8(bytes, second);
+          acc[i] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_and_si256(d0, low4)), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_and_si256(d1, low4)), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x2, _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4)), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x3, _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4)), acc[i]);
+        }
       }
-    total += acc * scales[g];
+      for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_fmadd_ps(acc[i], _mm256_set1_ps(scales[i * G + g]), sum[i]);
+    }
+    _mm_storeu_ps(out, hsum4(sum));
+    return;
   }
 #endif
-  return total;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p + (n - n0) * half;
+    float total = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t b = g * gs; b < (g + 1) * gs; b += 32)
+        for (int64_t j = 0; j < 16; ++j) {
+          const uint8_t byte = row[b / 2 + j];
+          acc += x[b + j] * static_cast<float>(byte & 15) + x[b + 16 + j] * static_cast<float>(byte >> 4);
+        }
+      total += acc * scales[(n - n0) * G + g];
+    }
+    out[n - n0] = total;
+  }
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
@@ -118,11 +140,11 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const float *xp = x.data_ptr<float>(), *sp = scales.contiguous().data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = (N + kOutBlock - 1) / kOutBlock;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, kWorkPerTask / (K * kOutBlock)), [&](int64_t b0, int64_t b1) {
+  const int64_t blocks = (N + kInt8Block - 1) / kInt8Block;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kWorkPerTask / (K * kInt8Block)), [&](int64_t b0, int64_t b1) {
     for (int64_t m = 0; m < M; ++m)  // this task's weights stay in cache from one row to the next
       for (int64_t b = b0; b < b1; ++b)
-        int8_rows(xp + m * K, qp, sp, yp + m * N, K, b * kOutBlock, std::min(N, (b + 1) * kOutBlock));
+        int8_rows(xp + m * K, qp, sp, yp + m * N, K, b * kInt8Block, std::min(N, (b + 1) * kInt8Block));
   });
   return y;
 }
@@ -135,19 +157,25 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
                   szeros.scalar_type() == at::kFloat && scales.sizes() == szeros.sizes() && scales.size(0) == N &&
                   G > 0 && K % G == 0 && (K / G) % 32 == 0 && scales.is_contiguous() && szeros.is_contiguous(),
               "int4_gemv needs packed uint8 (N, K/2), float scales and szeros (N, G), groups a multiple of 32");
-  const int64_t gs = K / G;
-  auto xsums = x.view({M, G, gs}).sum(-1).contiguous();  // Σ x per group, for the zero points
-  auto y = at::empty({M, N}, x.options());
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *zp = szeros.data_ptr<float>();
-  const float* xs = xsums.data_ptr<float>();
+  std::vector<float> xs(M * G, 0.f);  // Σ x per group, for the zero points
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * G + k / (K / G)] += xp[m * K + k];
+  auto y = at::empty({M, N}, x.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, kWorkPerTask / K), [&](int64_t n0, int64_t n1) {
+  const int64_t blocks = (N + kInt4Block - 1) / kInt4Block;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 2 * kWorkPerTask / (K * kInt4Block)), [&](int64_t b0, int64_t b1) {
+    float dots[kInt4Block];
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) {
-        float zero_term = 0.f;
-        for (int64_t g = 0; g < G; ++g) zero_term += zp[n * G + g] * xs[m * G + g];
-        yp[m * N + n] = int4_row(xp + m * K, pp + n * (K / 2), sp + n * G, G, gs) - zero_term;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kInt4Block, n1 = std::min(N, n0 + kInt4Block);
+        int4_rows(xp + m * K, pp + n0 * (K / 2), sp + n0 * G, dots, K, G, n0, n1);
+        for (int64_t n = n0; n < n1; ++n) {
+          float zero_term = 0.f;
+          for (int64_t g = 0; g < G; ++g) zero_term += zp[n * G + g] * xs[m * G + g];
+          yp[m * N + n] = dots[n - n0] - zero_term;
+        }
       }
   });
   return y;

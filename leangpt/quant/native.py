@@ -18,7 +18,9 @@ import torch
 from leangpt.machine import _cpuinfo, cache_dir
 
 SOURCE = Path(__file__).with_name("native.cpp")
-CFLAGS = ["-O3", "-march=native"]
+# -fopenmp: at::parallel_for is inline OpenMP code, serial without it. The library links libgomp.so.1 by its
+# soname, so the process keeps one OpenMP runtime: the one torch loaded already.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _loaded: bool | None = None  # None: not tried yet in this process
 
 
@@ -39,7 +41,7 @@ def available() -> bool:
 
             directory = build_directory()
             directory.mkdir(parents=True, exist_ok=True)
-            load("leangpt_native", [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
+            load("leangpt_native", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                  is_python_module=False, verbose=False)
             _register_fakes()
             _loaded = True
