@@ -308,6 +308,26 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
             assert list(generate_ids(model, prompt, 24, greedy)) == ref_text, kernel
 
 
+@pytest.mark.parametrize("which,kernel", [("int8", "native-int8"), ("gptq4", "native-int4")])
+def test_compiled_decode_on_native_kernels_equals_eager(quantized, which, kernel, monkeypatch):
+    """The compiled decode steps (one row, several rows) call the C++ operators from the graph: the same greedy
+    tokens as the eager engine on the same kernels."""
+    from leangpt.engine import Engine, Request
+
+    if kernel not in candidates(Scheme(8) if which == "int8" else Scheme(4, 32), CPU, 64, 64):
+        pytest.skip("leangpt's C++ kernels cannot be built here")
+    monkeypatch.setenv("LEANGPT_QUANT_KERNEL", kernel)
+    model = load_model(quantized[which])
+    assert set(kernels_used(model)) == {kernel}
+    greedy = SamplingConfig(temperature=0)
+    for prompts in ([[1, 2, 3, 4]], [[1, 2, 3, 4], [5, 6, 7]]):
+        requests = [Request(p, 16, greedy) for p in prompts]
+        eager = [c.tokens for c in Engine(model).generate(requests)]
+        torch._dynamo.reset()
+        engine = Engine(model, compile=True)
+        assert [c.tokens for c in engine.generate(requests)] == eager and engine.compile_error is None
+
+
 def test_gptq_checkpoint_is_closer_to_float_than_rtn(quantized, tiny_checkpoint, dataset_dir, capsys, monkeypatch):
     # Compare the stored weights, not the kernels: the measured kernel choice can give int8 FBGEMM's 8-bit
     # activations on one run and a weight-only kernel on the next.
