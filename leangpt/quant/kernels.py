@@ -301,6 +301,14 @@ GEMV_ROWS = 8
 EAGER_DEQUANT_ROWS = 1024
 
 
+def float_input(x: torch.Tensor, in_pad: int) -> torch.Tensor:
+    """x (rows, in) as contiguous float32, zero columns appended up to in_pad (the packed width)."""
+    xf = x.float()
+    if in_pad > x.shape[1]:
+        xf = F.pad(xf, (0, in_pad - x.shape[1]))
+    return xf.contiguous()
+
+
 class FusedLinear(QuantLinear):
     """Base of the kernels that torch.compile's inductor generates as vectorised C++ from the stored integers:
     for up to `gemv_rows` rows of activations (decode, small batches) one fused dequantize-and-reduce kernel
@@ -326,10 +334,7 @@ class FusedLinear(QuantLinear):
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.in_pad > x.shape[1]:
-            xf = F.pad(xf, (0, self.in_pad - x.shape[1]))
-        xf, w = xf.contiguous(), self.weights()
+        xf, w = float_input(x, self.in_pad), self.weights()
         few = xf.shape[0] <= self.gemv_rows
         gemv, dequant = self.gemv_fn, self.dequant_fn
         if torch.compiler.is_compiling():  # inside a compiled model: inline the tensor ops
@@ -444,10 +449,7 @@ class NativeLinear(QuantLinear):
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.in_pad > x.shape[1]:
-            xf = F.pad(xf, (0, self.in_pad - x.shape[1]))
-        xf, ops = xf.contiguous(), torch.ops.leangpt_native
+        xf, ops = float_input(x, self.in_pad), torch.ops.leangpt_native
         if xf.shape[0] <= self.gemv_rows:
             y = (ops.int8_gemv if self.scheme.bits == 8 else ops.int4_gemv)(xf, *self.weights())
         else:
