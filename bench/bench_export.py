@@ -5,10 +5,10 @@ For one checkpoint, in this one process:
   speed     prefill and decode tokens/s at each --batch, greedy, --prompt-tokens random ids, --new-tokens with
             no early stop, timed as `leangpt bench` times leangpt (time to the first token, then the rest): leangpt
             eager (and --compile), leangpt compiled on each --quantized checkpoint beside llama.cpp on that
-            checkpoint's own GGUF export (the same integers), llama.cpp on the GGUF exports (f32, q8_0, q4_0; --threads threads; batch > 1 as
-            parallel sequences through llama.cpp's batch API), onnxruntime on the ONNX exports (f32, int8). Every
-            round runs each runtime in turn (leangpt.machine.paired_medians), so load from other processes falls
-            on all alike; medians of --repeats rounds after one warm-up.
+            checkpoint's own GGUF export (the same integers), llama.cpp on the GGUF exports (f32, q8_0, q4_0;
+            --threads threads; batch > 1 as parallel sequences through llama.cpp's batch API), onnxruntime on the
+            ONNX exports (f32, int8). Every round runs each runtime in turn (leangpt.machine.paired_medians), so
+            load from other processes falls on all alike; medians of --repeats rounds after one warm-up.
   quality   with --data: bits per byte on the first --quality-tokens val tokens, computed from each runtime's own
             logits over the windows `leangpt eval` uses, beside leangpt's (and the relative difference).
 

@@ -571,7 +571,7 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
     if len(names) == 1:
         return names[0]
     # A rebuilt native library (new source, torch, CPU) has its own build directory: its timings are its own.
-    build = native.build_directory().name if any(n.startswith("native-") for n in names) else "-"
+    build = native.build_hash() if any(n.startswith("native-") for n in names) else "-"
     key = f"quant-kernels|{machine_key(device)}|native={build}|{scheme.name}|{out_features}x{in_features}"
     # Timings from before a candidate existed here (a torch upgrade, a new kernel) are measured again.
     timings = cached(key, lambda: benchmark_kernels(scheme, out_features, in_features, device),
