@@ -20,6 +20,7 @@ import torch.nn as nn
 from leangpt.compile_cache import enable_compile_cache
 from leangpt.cpu_linear import use_decode_linears
 from leangpt.errors import UserError
+from leangpt.native_decode import NativeDecoder, unsupported
 from leangpt.sampling import Sampler, SamplingConfig, token_logprobs
 
 
@@ -62,14 +63,22 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 
 class Engine:
     """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile)
-    and falls back to eager, with a note in `compile_error`, if compiling fails."""
+    and falls back to eager, with a note in `compile_error`, if compiling fails. On a CPU, one-row steps run
+    leangpt's C++ decode step where it covers the model (`native`; see leangpt/native_decode.py)."""
 
-    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+    def __init__(self, model: nn.Module, compile: bool = False, native: bool = True) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         on_cpu = self.device.type == "cpu"
+        self.native: NativeDecoder | None = None
         if on_cpu:
-            use_decode_linears(model, one_row_order=not compile)
+            # The C++ step and compiled graphs read plain (out, in) weights; eager one-row products MKL's order.
+            if native:
+                use_decode_linears(model, one_row_order=False)
+                native = unsupported(model) is None
+            use_decode_linears(model, one_row_order=not compile and not native)
+            if native:
+                self.native = NativeDecoder(model)
         self.compile = compile
         self.compile_error: str | None = None
         self._compiled_one = self._compiled_rows = None
@@ -82,7 +91,9 @@ class Engine:
             # cache is comparable to the weights; at batch 1 a step took 0.44 ms against 0.51 reading all 256
             # slots at position 40). kv_len turns symbolic on its first change (one recompile per graph).
             dynamic = None if on_cpu else False
-            self._compiled_one = torch.compile(self._decode_eager, fullgraph=True, dynamic=dynamic, options=options)
+            if self.native is None:  # else the C++ step takes the one-row steps
+                self._compiled_one = torch.compile(self._decode_eager, fullgraph=True, dynamic=dynamic,
+                                                   options=options)
             self._compiled_rows = torch.compile(self._decode_rows, fullgraph=True, dynamic=dynamic, options=options)
         self._compile_errors = _compile_errors() if compile else ()
 
@@ -101,7 +112,10 @@ class Engine:
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """Logits (B, V) for one new token per row: tokens (B, 1) at input_pos (1,) or (B, 1), every position
         below kv_len if given. Eager, and compiled on a CPU, attend to those kv_len cache slots only; compiled
-        steps elsewhere keep one shape, the whole cache."""
+        steps elsewhere keep one shape, the whole cache. The C++ step (one row) attends to the positions up to
+        its own."""
+        if self.native is not None and tokens.size(0) == 1:
+            return self.native.step(tokens, input_pos)
         compiled = self._compiled_one if tokens.size(0) == 1 else self._compiled_rows
         if compiled is not None:
             try:
@@ -145,16 +159,19 @@ class Generation:
         self._stopped.add(row)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for tokens, emitted in self._steps(sync_every=1):
-            yield [(row, tok) for row, (tok, live) in enumerate(zip(tokens.tolist(), emitted.tolist())) if live]
+        return self._steps(sync_every=1)
 
     def run(self, sync_every: int = 16) -> None:
         for _ in self._steps(sync_every):
             pass
 
     @torch.inference_mode()
-    def _steps(self, sync_every: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (tokens (B,), emitted (B,) bool) per step; fills self.completions at the end."""
+    def _steps(self, sync_every: int) -> Iterator[list[tuple[int, int]]]:
+        """Yield, per step, (row, token) for the rows still running; fills self.completions at the end.
+
+        The chosen tokens are read on the host every sync_every steps (a CPU reads them for free, so every step
+        there), and the rows are ended there: a row's tokens after its stop token, its budget or stop(row) are
+        dropped (the steps after a row's end still compute it, and are not read)."""
         eng, reqs, dev = self.engine, self.requests, self.engine.device
         B = len(reqs)
         lens = [len(r.prompt) for r in reqs]
@@ -162,56 +179,82 @@ class Generation:
         eng.setup_cache(B, max(n + r.max_new_tokens for n, r in zip(lens, reqs)))
         sampler = Sampler([r.sampling for r in reqs], [r.seed for r in reqs], [r.prompt for r in reqs],
                           eng.model.config.vocab_size, dev)
-        budget = torch.tensor([r.max_new_tokens for r in reqs], device=dev)
-        width = max(1, max(len(r.stop_ids) for r in reqs))
-        stop_ids = torch.tensor([list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in reqs], device=dev)
-        out = torch.zeros(B, N, dtype=torch.long, device=dev)  # (B, N) emitted tokens
-        out_lp = torch.zeros(B, N, device=dev)
-        emitted = torch.zeros(B, N, dtype=torch.bool, device=dev)
-        hit_stop = torch.zeros(B, dtype=torch.bool, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        rows = _Rows(reqs)
 
         t0 = time.perf_counter()
         idx = torch.zeros(B, P, dtype=torch.long, device=dev)  # right-padded prompts
         for row, r in enumerate(reqs):
             idx[row, :len(r.prompt)] = torch.tensor(r.prompt, device=dev)
-        if len(set(lens)) == 1:
+        shared = len(set(lens)) == 1
+        if shared:
             pos = torch.tensor([P], device=dev)  # (1,) shared by all rows
             logits = eng.model(idx, torch.arange(P, device=dev), P)[:, -1]  # (B, V)
         else:
             pos = torch.tensor(lens, device=dev)[:, None]  # (B, 1)
+            last_pos = torch.tensor([n + r.max_new_tokens - 1 for n, r in zip(lens, reqs)], device=dev)[:, None]
             logits = eng.model(idx, torch.arange(P, device=dev).expand(B, P), P)  # (B, P, V)
             logits = logits[torch.arange(B, device=dev), pos[:, 0] - 1]  # each row's last prompt token
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens, logprobs) of steps not read yet
         for step in range(N):
             tok = sampler.sample(logits)
-            live = ~done
-            is_stop = (tok[:, None] == stop_ids).any(-1) & live
-            hit_stop |= is_stop
-            emit = live & ~is_stop
-            out[:, step], out_lp[:, step], emitted[:, step] = tok, token_logprobs(logits, tok), emit
-            done = done | is_stop | (step + 1 >= budget)
-            sampler.observe(tok, emit)
+            pending.append((tok, token_logprobs(logits, tok)))
+            sampler.observe(tok)  # an ended row's later counts are never used
             if step == 0:
                 self.prefill_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
-            if sync_every == 1 or (step + 1) % sync_every == 0:
-                yield tok, emit
-                if self._stopped:
-                    stopped = torch.tensor(sorted(self._stopped), device=dev)
-                    done[stopped] = True
-                    hit_stop[stopped] = True
-                if bool(done.all()):
+            if sync_every == 1 or (step + 1) % sync_every == 0 or step + 1 == N:
+                for emitted in rows.read(pending, self._stopped):
+                    yield emitted
+                pending = []
+                if rows.all_ended:
                     break
             if step + 1 == N:
                 break
             logits = eng.decode(tok[:, None], pos, P + step + 1)  # every row's position is <= P + step
-            # Per-row positions: a finished row keeps its slot, so it never runs past its part of the cache.
-            pos = pos + (~done).long()[:, None] if pos.dim() == 2 else pos + 1
+            # Per-row positions stop at each row's last one, so that no row runs past its part of the cache.
+            pos = pos + 1 if shared else torch.minimum(pos + 1, last_pos)
             self.decode_steps += 1
         self.decode_s = time.perf_counter() - t0
-        self.completions = []
-        for row in range(B):
-            keep = emitted[row]
-            self.completions.append(Completion(
-                tokens=out[row][keep].tolist(), logprobs=out_lp[row][keep].tolist(),
-                finish_reason="stop" if bool(hit_stop[row]) else "length"))
+        self.completions = rows.completions()
+
+
+class _Rows:
+    """The host's record of a generation's rows: tokens and logprobs emitted so far, and how each row ended."""
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.requests = requests
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.logprobs: list[list[float]] = [[] for _ in requests]
+        self.finish: list[str | None] = [None] * len(requests)  # None while running
+        self.steps_read = 0
+
+    @property
+    def all_ended(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def read(self, pending: list[tuple[torch.Tensor, torch.Tensor]],
+             stopped: set[int]) -> Iterator[list[tuple[int, int]]]:
+        """Take in the pending steps' tokens; yield each step's (row, token) emitted. stopped may grow while
+        a step's tokens are out: a row in it emits nothing more."""
+        tokens = torch.stack([t for t, _ in pending], 1).tolist()  # (B, steps)
+        logprobs = torch.stack([lp for _, lp in pending], 1).tolist()
+        for s in range(len(pending)):
+            step, emitted = self.steps_read + s, []
+            for row, r in enumerate(self.requests):
+                if self.finish[row] is not None:
+                    continue
+                tok = tokens[row][s]
+                if row in stopped or tok in r.stop_ids:
+                    self.finish[row] = "stop"
+                    continue
+                self.tokens[row].append(tok)
+                self.logprobs[row].append(logprobs[row][s])
+                emitted.append((row, tok))
+                if step + 1 >= r.max_new_tokens:
+                    self.finish[row] = "length"
+            yield emitted
+        self.steps_read += len(pending)
+
+    def completions(self) -> list[Completion]:
+        return [Completion(tokens=t, logprobs=lp, finish_reason=f or "length")
+                for t, lp, f in zip(self.tokens, self.logprobs, self.finish)]

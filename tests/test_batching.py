@@ -107,7 +107,7 @@ def test_the_compiled_step_runs_a_changing_batch():
     model = tiny()
     requests = [Request([1, 2, 3], 8, GREEDY), Request([9], 6, SamplingConfig(temperature=0.9), seed=1),
                 Request(list(range(20, 32)), 5, GREEDY)]
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, native=False)
     got, running = run(RunningBatch(engine, 2, prefill_chunk=4), requests, [0, 2, 3])
     assert engine.compile_error is None and engine._compiled_one is not None and 1 in running and 2 in running
     assert_same(got, solo(model, requests))

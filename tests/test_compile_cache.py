@@ -28,7 +28,7 @@ CACHE_PROBE = textwrap.dedent("""
     from leangpt.sampling import SamplingConfig
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    engine = Engine(GPT(ModelConfig.from_preset("tiny", vocab_size=320)), compile=True)
+    engine = Engine(GPT(ModelConfig.from_preset("tiny", vocab_size=320)), compile=True, native=False)
     engine.generate([Request([1, 2, 3], 4, SamplingConfig(temperature=0))])
     assert engine.compile_error is None, engine.compile_error
     print(json.dumps({**counters["inductor"], **counters["aot_autograd"]}))
@@ -76,7 +76,7 @@ def test_a_failed_compile_decodes_eagerly_and_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("LEANGPT_CACHE_DIR", str(tmp_path))  # an empty cache: nothing to load instead
     monkeypatch.setattr(compile_fx, "_compile_fx_inner", no_compiler)
     torch._dynamo.reset()
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, native=False)
     assert _greedy(engine) == want
     assert engine.compile_error is not None and "no C++ compiler" in engine.compile_error
     torch._dynamo.reset()
@@ -93,7 +93,7 @@ def test_past_dynamos_recompile_limit_the_next_model_decodes_eagerly(monkeypatch
         for width in (32, 48):
             torch.manual_seed(0)
             model = GPT(ModelConfig.from_preset("tiny", vocab_size=320, n_embd=width, n_head=2))
-            engine = Engine(model, compile=True)
+            engine = Engine(model, compile=True, native=False)
             results.append((_greedy(engine), _greedy(Engine(model)), engine.compile_error))
     torch._dynamo.reset()
     assert results[0][2] is None and results[0][0] == results[0][1]

@@ -162,7 +162,7 @@ def test_compile_failure_falls_back_to_eager():
     def failed_compilation(*args):
         raise TorchDynamoException("backend='inductor' raised:\nCppCompileError: no C++ compiler")
 
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, native=False)
     engine._compiled_one = failed_compilation
     [got] = engine.generate([Request([1, 2], 6, GREEDY)])
     assert got.tokens == ref.tokens and engine._compiled_one is None and engine._compiled_rows is None
@@ -171,7 +171,7 @@ def test_compile_failure_falls_back_to_eager():
     def bug(*args):  # anything else is a bug and is not hidden by the fallback
         raise IndexError("index 132 is out of bounds")
 
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, native=False)
     engine._compiled_one = bug
     with pytest.raises(IndexError):
         engine.generate([Request([1, 2], 6, GREEDY)])
@@ -183,7 +183,7 @@ def test_compiled_decode_compiles_and_equals_eager(options):
     model = tiny(**options)
     eager = Engine(model)  # lays the wider-than-tall weights out (in, out) for MKL's one-row product
     refs = eager.generate([Request([1, 2], 6, GREEDY), Request([3], 9, GREEDY)])
-    engine = Engine(model, compile=True)  # and back to (out, in) for the compiled one-row reduction
+    engine = Engine(model, compile=True, native=False)  # and back to (out, in) for the compiled one-row reduction
     assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Linear))
     [got] = engine.generate([Request([1, 2], 6, GREEDY)])
     assert engine.compile_error is None and engine._compiled_one is not None

@@ -188,7 +188,7 @@ def test_compiled_decode_equals_full_forward(variant):
     with torch.no_grad():
         for _ in range(6):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, native=False)
     got = engine.generate([Request([1, 2], 6, greedy), Request([3], 9, greedy)])
     assert engine.compile_error is None and engine._compiled_one is not None
     assert got[0].tokens == seq[2:]

@@ -332,7 +332,7 @@ def test_compiled_decode_on_native_kernels_equals_eager(quantized, which, kernel
         requests = [Request(p, 16, greedy) for p in prompts]
         eager = [c.tokens for c in Engine(model).generate(requests)]
         torch._dynamo.reset()
-        engine = Engine(model, compile=True)
+        engine = Engine(model, compile=True, native=False)
         assert [c.tokens for c in engine.generate(requests)] == eager and engine.compile_error is None
 
 

@@ -18,7 +18,9 @@ import torch
 
 from leangpt.machine import _cpuinfo, cache_dir
 
-SOURCE = Path(__file__).with_name("native.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "native.cpp", HERE / "native_decoder.cpp"]  # both include native_rows.h
+HEADERS = [HERE / "native_rows.h"]
 # -fopenmp: at::parallel_for is inline OpenMP code, serial without it. The library links libgomp.so.1 by its
 # soname, so the process keeps one OpenMP runtime: the one torch loaded already.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -28,8 +30,8 @@ _loaded: bool | None = None  # None: not tried yet in this process
 @functools.cache  # read per quantized layer at load (its kernel timings are keyed by it): hash the source once
 def build_hash() -> str:
     info = _cpuinfo()
-    key = "|".join((SOURCE.read_text(), torch.__version__, " ".join(CFLAGS), info.get("model name", ""),
-                    info.get("flags", "")))
+    key = "|".join((*(f.read_text() for f in SOURCES + HEADERS), torch.__version__, " ".join(CFLAGS),
+                    info.get("model name", ""), info.get("flags", "")))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -47,7 +49,7 @@ def available() -> bool:
 
             directory = build_directory()
             directory.mkdir(parents=True, exist_ok=True)
-            load("leangpt_native", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            load("leangpt_native", [str(f) for f in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                  build_directory=str(directory), is_python_module=False, verbose=False)
             _register_fakes()
             _loaded = True

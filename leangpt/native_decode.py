@@ -1,0 +1,109 @@
+"""Batch-1 decode steps on a CPU by leangpt's C++ decode step (quant/native_decoder.cpp): the whole step in one
+call, without a compiled graph, so it costs no compilation and none of a graph's per-operator overheads.
+
+It covers leangpt's GPT in float32 with float, native int8 and native int4 linear layers (leangpt/quant/
+kernels.py), every architecture option of leangpt/model.py and structurally pruned widths. `unsupported(model)`
+says why another model is not covered; the Engine then decodes it as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from leangpt.cpu_linear import DecodeLinear
+from leangpt.model import GPT
+from leangpt.quant import native
+from leangpt.quant.kernels import NativeInt4Linear, NativeInt8Linear
+
+_NONE = torch.empty(0)  # "no tensor" in the C++ class's arguments
+_MLP_KINDS = {"gelu": 0, "swiglu": 1, "relu2": 2}
+
+
+def _tensor(t: torch.Tensor | None) -> torch.Tensor:
+    return _NONE if t is None else t.detach()
+
+
+def _linear(module: nn.Module) -> tuple[int, list[torch.Tensor]]:
+    """The C++ kind of a linear layer and its four tensors; ValueError if it has no C++ product."""
+    if isinstance(module, NativeInt8Linear):
+        return 1, [module.q, module.qscales, _NONE, _tensor(module.bias)]
+    if isinstance(module, NativeInt4Linear):
+        return 2, [module.packed, module.qscales, module.szeros, _tensor(module.bias)]
+    if type(module) in (nn.Linear, DecodeLinear) and module.weight.dtype == torch.float32 \
+            and module.weight.is_contiguous():
+        return 0, [module.weight.detach(), _NONE, _NONE, _tensor(module.bias)]
+    raise ValueError(f"{type(module).__name__} layers have no C++ decode step")
+
+
+def _norm(norm: nn.Module) -> list[torch.Tensor]:
+    return [_tensor(norm.weight), _tensor(getattr(norm, "bias", None))]
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the C++ step cannot decode this model, or None if it can."""
+    if not isinstance(model, GPT):
+        return f"{type(model).__name__} is not leangpt's GPT"
+    if model._float_tensor().dtype != torch.float32 or model._float_tensor().device.type != "cpu":
+        return "the model is not float32 on a CPU"
+    layers = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+    layers += [b.mlp.gate for b in model.blocks if hasattr(b.mlp, "gate")]
+    try:
+        for layer in layers:
+            _linear(layer)
+    except ValueError as e:
+        return str(e)
+    if not native.available():
+        return "leangpt's C++ kernels could not be built here"
+    return None
+
+
+class NativeDecoder:
+    """The C++ decode step of one model. Build it after the model's weights are in their final place (it keeps
+    references to them, not copies)."""
+
+    def __init__(self, model: GPT) -> None:
+        c = model.config
+        self.model = model
+        rope = (model.rope_cos, model.rope_sin) if c.pos == "rope" else (_NONE, _NONE)
+        self.decoder = torch.classes.leangpt_native.Decoder(c.n_embd, c.head_dim, _MLP_KINDS[c.mlp],
+                                                            float(c.logit_softcap or 0.0), *rope)
+        rms = c.norm == "rmsnorm"
+        for block in model.blocks:
+            a, mlp = block.attn, block.mlp
+            norms = _norm(block.norm1) + _norm(block.norm2)
+            norms += [_tensor(a.q_norm.weight), _tensor(a.k_norm.weight)] if a.q_norm is not None else [_NONE] * 2
+            kinds, weights = [], []
+            for layer in (a.qkv, a.proj, getattr(mlp, "gate", None), mlp.fc, mlp.proj):
+                kind, tensors = _linear(layer) if layer is not None else (-1, [_NONE] * 4)
+                kinds.append(kind)
+                weights += tensors
+            self.decoder.add_block(a.n_head, a.n_kv_head, a.q_norm is not None, rms, c.norm_eps, norms, kinds,
+                                   weights)
+        self.decoder.set_head(rms, c.norm_eps, *_norm(model.norm_f), *_linear(model.lm_head))
+        self.float_table = type(model.tok_emb) is nn.Embedding  # else (a quantized table) embedded by the model
+        if self.float_table:
+            norm = model.norm_emb
+            self.decoder.set_embedding(model.tok_emb.weight.detach(), _tensor(getattr(model.pos_emb, "weight", None)),
+                                       norm is not None, rms, c.norm_eps, *(_norm(norm) if norm else [_NONE] * 2))
+        self._first_attention = model.blocks[0].attn
+        self._bound: torch.Tensor | None = None
+
+    def _bind_cache(self) -> None:
+        """Point the step at the model's KV cache (row 0) whenever the model has a new one."""
+        first = self._first_attention.kv_cache
+        if first is None:
+            raise RuntimeError("call setup_cache() before decoding")
+        if first.k is not self._bound:
+            caches = [b.attn.kv_cache for b in self.model.blocks]
+            self.decoder.set_cache([c.k for c in caches], [c.v for c in caches])
+            self._bound = first.k
+
+    def step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (1, V) of one token (1, 1) at position input_pos ((1,) or (1, 1)), attending to every
+        position before it, as `model(tokens, input_pos)[:, -1]`."""
+        self._bind_cache()
+        if self.float_table:
+            return self.decoder.step(int(tokens), int(input_pos), _NONE)
+        x = self.model.embed(tokens, input_pos.reshape(1))  # (1, 1, C)
+        return self.decoder.step(0, int(input_pos), x)

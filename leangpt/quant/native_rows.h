@@ -1,0 +1,160 @@
+// One-row kernels shared by the operators (native.cpp) and the decode step (native_decoder.cpp): y = W x for a
+// block of output rows of one input row, weights read at their stored width and converted in registers.
+// Activations and accumulation are float32.
+//
+// Layouts (leangpt/quant/kernels.py packs them):
+//   float: w (N, K) float.
+//   int8: q (N, K) int8, scales (N,) float: W[n, k] = q[n, k] * scales[n].
+//   int4: packed (N, K/2) uint8 in blocks of 32 inputs; byte j of a block holds input j (low nibble) and input
+//         j + 16 (high nibble). scales and szeros = scales * zero points (N, G), groups of K / G inputs (a
+//         multiple of 32): W[n, k] = q[n, k] * scales[n, g] - szeros[n, g].
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LEANGPT_AVX2 1
+#endif
+
+namespace leangpt {
+
+// Output rows computed together: each input vector is loaded once for all of them, and their independent
+// accumulators hide the latency of the multiply-adds.
+constexpr int64_t kFloatBlock = 8, kInt8Block = 8, kInt4Block = 4;
+
+
+#ifdef LEANGPT_AVX2
+
+inline __m256 hsum8(const __m256* a) {  // lane i: the sum of a[i]'s lanes
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+inline __m128 hsum4(const __m256* a) {  // lane i: the sum of a[i]'s lanes
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+inline __m256 int8x8(const int8_t* p) {  // eight int8 weights as eight floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+#endif
+
+// y[n0:n1] of one input row for float weights, n1 - n0 <= kFloatBlock
+inline void float_rows(const float* x, const float* w, float* y, int64_t K, int64_t n0, int64_t n1) {
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == kFloatBlock && K % 8 == 0) {
+    const float* r = w + n0 * K;
+    __m256 acc[kFloatBlock];
+    for (int i = 0; i < kFloatBlock; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int i = 0; i < kFloatBlock; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r + i * K + k), acc[i]);
+    }
+    _mm256_storeu_ps(y + n0, hsum8(acc));
+    return;
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* r = w + n * K;
+    float a = 0.f;
+    for (int64_t k = 0; k < K; ++k) a += x[k] * r[k];
+    y[n] = a;
+  }
+}
+
+
+// y[n0:n1] of one input row for int8, n1 - n0 <= kInt8Block
+inline void int8_rows(const float* x, const int8_t* q, const float* scales, float* y, int64_t K, int64_t n0,
+                      int64_t n1) {
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == kInt8Block && K % 8 == 0) {
+    const int8_t* w = q + n0 * K;
+    __m256 acc[kInt8Block];
+    for (int i = 0; i < kInt8Block; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int i = 0; i < kInt8Block; ++i) acc[i] = _mm256_fmadd_ps(xv, int8x8(w + i * K + k), acc[i]);
+    }
+    _mm256_storeu_ps(y + n0, _mm256_mul_ps(hsum8(acc), _mm256_loadu_ps(scales + n0)));
+    return;
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = q + n * K;
+    float a = 0.f;
+    for (int64_t k = 0; k < K; ++k) a += x[k] * static_cast<float>(w[k]);
+    y[n] = a * scales[n];
+  }
+}
+
+// Σ_k x[k] q[n, k] scales[n, g] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one input row, into
+// out[0 : n1 - n0]; the zero points are applied by the caller. p: row n0's packed bytes, scales: row n0's.
+inline void int4_rows(const float* x, const uint8_t* p, const float* scales, float* out, int64_t K, int64_t G,
+                      int64_t n0, int64_t n1) {
+  const int64_t gs = K / G, half = K / 2;
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == kInt4Block) {
+    // The 16 bytes of 32 inputs sit in both 128-bit lanes; an in-lane byte shuffle puts byte j (0..7, then 8..15)
+    // in the low byte of 32-bit lane j, whose low nibble is input j and whose value >> 4 is input j + 16.
+    const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                           4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    __m256 sum[kInt4Block], acc[kInt4Block];
+    for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      for (int i = 0; i < kInt4Block; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t b = g * gs; b < (g + 1) * gs; b += 32) {
+        const __m256 x0 = _mm256_loadu_ps(x + b), x1 = _mm256_loadu_ps(x + b + 8);
+        const __m256 x2 = _mm256_loadu_ps(x + b + 16), x3 = _mm256_loadu_ps(x + b + 24);
+        for (int i = 0; i < kInt4Block; ++i) {
+          const __m256i bytes =
+              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * half + b / 2)));
+          const __m256i d0 = _mm256_shuffle_epi8(bytes, first), d1 = _mm256_shuffle_epi8(bytes, second);
+          acc[i] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_and_si256(d0, low4)), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_and_si256(d1, low4)), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x2, _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4)), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x3, _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4)), acc[i]);
+        }
+      }
+      for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_fmadd_ps(acc[i], _mm256_set1_ps(scales[i * G + g]), sum[i]);
+    }
+    _mm_storeu_ps(out, hsum4(sum));
+    return;
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p + (n - n0) * half;
+    float total = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t b = g * gs; b < (g + 1) * gs; b += 32)
+        for (int64_t j = 0; j < 16; ++j) {
+          const uint8_t byte = row[b / 2 + j];
+          acc += x[b + j] * static_cast<float>(byte & 15) + x[b + 16 + j] * static_cast<float>(byte >> 4);
+        }
+      total += acc * scales[(n - n0) * G + g];
+    }
+    out[n - n0] = total;
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t k = 0;
+  float total = 0.f;
+#ifdef LEANGPT_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 s = _mm_hadd_ps(_mm_hadd_ps(h, h), _mm_hadd_ps(h, h));
+  total = _mm_cvtss_f32(s);
+#endif
+  for (; k < n; ++k) total += a[k] * b[k];
+  return total;
+}
+
+}  // namespace leangpt

@@ -1,0 +1,139 @@
+"""leangpt's C++ decode step (native_decode.py, quant/native_decoder.cpp) against the model's own forward."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from leangpt.config import ModelConfig
+from leangpt.engine import Engine, Request
+from leangpt.model import GPT
+from leangpt.native_decode import NativeDecoder, unsupported
+from leangpt.pruning import structured
+from leangpt.quant import native
+from leangpt.quant.formats import Scheme, quantize_rtn
+from leangpt.quant.kernels import KERNELS
+from leangpt.quant.model import swap_embedding, swap_linears, target_layers
+from leangpt.sampling import SamplingConfig
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not native.available(), reason="leangpt's C++ kernels cannot be built here")]
+
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1, tie_embeddings=False)
+QWEN3 = {**LLAMA, "qk_norm": True}
+CONFIGS = {
+    "gpt2": {},  # learned positions, biases, LayerNorm, GELU, tied head
+    "llama-gqa": LLAMA,
+    "qwen3-head-dim": {**QWEN3, "n_head": 4, "n_kv_head": 2, "head_dim": 24},
+    "nanochat": {**QWEN3, "mlp": "relu2", "norm_weight": False, "embed_norm": True, "logit_softcap": 15.0},
+    "odd-widths": {"n_embd": 40, "n_head": 5, "vocab_size": 301},  # rows and inputs off the 8-row blocks
+}
+GREEDY = SamplingConfig(temperature=0)
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("tiny", **{"vocab_size": 300, **kw})).eval()
+    with torch.no_grad():  # sharper distributions than the init's, and non-trivial norms
+        for name, p in model.named_parameters():
+            p.mul_(3) if p.dim() == 2 else p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def step_errors(model: GPT, tokens: int = 24, prompt: int = 5) -> float:
+    """Largest |C++ step logits - full forward logits| over the decoded positions."""
+    idx = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        want = model(idx)[0]  # (T, V), no cache
+        model.setup_cache(1, 64)
+        model(idx[:, :prompt], torch.arange(prompt), prompt)
+        worst = 0.0
+        for t in range(prompt, tokens):
+            got = decoder.step(idx[:, t:t + 1], torch.tensor([t]))
+            assert got.shape == (1, model.config.vocab_size)
+            worst = max(worst, float((got[0] - want[t]).abs().max()))
+    return worst / float(want.abs().max())
+
+
+@pytest.mark.parametrize("options", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_the_step_equals_the_full_forward(options):
+    model = tiny(**options)
+    assert unsupported(model) is None
+    assert step_errors(model) < 1e-5
+
+
+def test_two_threads_split_the_rows_and_heads_as_one_does():
+    model = tiny(**QWEN3)
+    torch.set_num_threads(2)  # the one_thread fixture restores the count
+    assert step_errors(model) < 1e-5
+
+
+def test_structurally_pruned_widths():
+    model = tiny(**{**LLAMA, "n_head": 4, "n_kv_head": 2})
+    tokens = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+    small = structured.shrink(model, structured.plan_structured(model, tokens, heads=0.5, neurons=0.3))
+    widths = {(b.attn.n_head, b.mlp.fc.out_features) for b in small.blocks}
+    assert all(h < 4 and f < model.blocks[0].mlp.fc.out_features for h, f in widths)
+    assert step_errors(small.eval()) < 1e-5
+
+
+def quantized(model: GPT, bits: int, group: int = 64, embedding: bool = False) -> GPT:
+    """`model` with every linear (head included) on leangpt's native kernel, optionally its table too."""
+    scheme = Scheme(8) if bits == 8 else Scheme(4, group)
+    kernel = "native-int8" if bits == 8 else "native-int4"
+    names = target_layers(model, include_head=not (embedding and model.config.tie_embeddings))
+    qweights = {n: quantize_rtn(model.get_submodule(n).weight, scheme) for n in names}
+    if embedding:
+        swap_embedding(model, quantize_rtn(model.tok_emb.weight, scheme), torch.device("cpu"), kernel)
+    swap_linears(model, qweights, torch.device("cpu"), kernel)
+    assert all(type(m) is KERNELS[kernel] for m in model.modules() if hasattr(m, "kernel"))
+    return model.eval()
+
+
+@pytest.mark.parametrize("bits,group,options", [
+    (8, 0, {}), (8, 0, LLAMA), (4, 32, {}), (4, 64, QWEN3), (4, 128, LLAMA),
+    (4, 32, CONFIGS["odd-widths"]),  # 40 inputs: one whole group and one padded with zero inputs
+], ids=["int8-gpt2", "int8-llama", "int4-g32-gpt2", "int4-g64-qwen3", "int4-g128-llama", "int4-g32-odd"])
+def test_quantized_layers_equal_their_own_forward(bits, group, options):
+    # The C++ step reads the same stored integers as the layers' own kernels: float rounding apart, equal.
+    model = quantized(tiny(**options), bits, group)
+    assert unsupported(model) is None
+    assert step_errors(model) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantized_table_is_looked_up_by_the_model(tied):
+    model = quantized(tiny(**{**LLAMA, "tie_embeddings": tied}), 8, embedding=True)
+    decoder = NativeDecoder(model)
+    assert not decoder.float_table and unsupported(model) is None
+    assert step_errors(model) < 1e-5
+
+
+def test_the_engine_decodes_one_row_by_the_step_and_equals_its_python_step():
+    model = tiny(**QWEN3)
+    requests = [Request([1, 2, 3], 12, GREEDY)]
+    python = Engine(model, native=False)
+    want = python.generate(requests)
+    assert python.native is None
+    engine = Engine(model)
+    assert engine.native is not None
+    for _ in range(2):  # a second generation has a new cache, which the step must read
+        got = engine.generate(requests)
+        assert got[0].tokens == want[0].tokens
+        assert got[0].logprobs == pytest.approx(want[0].logprobs, abs=1e-4)
+    # Several rows take the model's own batched step.
+    rows = [Request([1, 2, 3], 6, GREEDY), Request([4], 9, GREEDY)]
+    assert [c.tokens for c in engine.generate(rows)] == [c.tokens for c in python.generate(rows)]
+
+
+def test_what_the_step_does_not_cover_says_why():
+    model = tiny()
+    assert "not float32" in unsupported(tiny().to(torch.bfloat16))
+    assert "is not leangpt's GPT" in unsupported(nn.Linear(2, 2))
+    model.blocks[0].mlp.fc = KERNELS["reference"](quantize_rtn(model.blocks[0].mlp.fc.weight, Scheme(8)),
+                                                  model.blocks[0].mlp.fc.bias, torch.device("cpu"))
+    assert unsupported(model) == "ReferenceLinear layers have no C++ decode step"
+    assert Engine(model).native is None  # and the engine decodes it in Python
+    decoder = NativeDecoder(tiny())
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        decoder.step(torch.tensor([[1]]), torch.tensor([0]))
