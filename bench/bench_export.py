@@ -3,9 +3,10 @@
 For one checkpoint, in this one process:
 
   speed     prefill and decode tokens/s at each --batch, greedy, --prompt-tokens random ids, --new-tokens with
-            no early stop, timed as `leangpt bench` times leangpt (time to the first token, then the rest): leangpt
-            eager (and --compile), leangpt compiled on each --quantized checkpoint beside llama.cpp on that
-            checkpoint's own GGUF export (the same integers), llama.cpp on the GGUF exports (f32, q8_0, q4_0;
+            no early stop, timed as `leangpt bench` times leangpt (time to the first token, then the rest): leangpt's
+            default path (one row: leangpt's C++ step; several: compiled) on the float model ("leangpt f32";
+            --python-step adds its compiled Python step) and on each --quantized checkpoint beside llama.cpp on
+            that checkpoint's own GGUF export (the same integers), llama.cpp on the GGUF exports (f32, q8_0, q4_0;
             --threads threads; batch > 1 as parallel sequences through llama.cpp's batch API), onnxruntime on the
             ONNX exports (f32, int8). Every round runs each runtime in turn (leangpt.machine.paired_medians), so
             load from other processes falls on all alike; medians of --repeats rounds after one warm-up.
@@ -77,13 +78,13 @@ def speed_candidates(args: argparse.Namespace, files: dict[str, Path], batch: in
     model, _, _ = load_checkpoint(args.model)
     vocab, context = model.config.vocab_size, args.prompt_tokens + args.new_tokens
     prompts = np.random.default_rng(0).integers(0, vocab, (batch, args.prompt_tokens)).tolist()
-    engines = {name: (model, compile) for name, compile in (("leangpt eager", False), ("leangpt compiled", True))
-               if args.compile or not compile}
-    # leangpt's default path (compiled) on each quantized checkpoint, beside llama.cpp on its GGUF export
-    engines.update({f"leangpt {ckpt.name}": (load_model(ckpt), True) for ckpt in args.quantized})
+    # leangpt's default path, as generate / serve / bench run it
+    engines = {"leangpt f32": Engine(model, compile=True)}
+    if args.python_step:
+        engines["leangpt f32 python-step"] = Engine(model, compile=True, native=False)
+    engines.update({f"leangpt {ckpt.name}": Engine(load_model(ckpt), compile=True) for ckpt in args.quantized})
     candidates: dict[str, Callable[[], dict]] = {}
-    for name, (net, compile) in engines.items():
-        engine = Engine(net, compile=compile)
+    for name, engine in engines.items():
         timed_run(engine, batch, args.prompt_tokens, args.new_tokens, seed=0)  # compiles before timing
         candidates[name] = lambda e=engine: dict(zip(("ttft", "decode"), timed_run(
             e, batch, args.prompt_tokens, args.new_tokens, seed=1)))
@@ -110,8 +111,8 @@ def same_weight_ratios(rows: list[dict[str, Any]]) -> list[tuple[str, str, int, 
     speed = {(r["runtime"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
     out = []
     for (name, batch), tok_s in speed.items():
-        theirs = "gguf-f32" if name == "leangpt compiled" else name.replace("leangpt ", "gguf-", 1)
-        if name.startswith("leangpt ") and name != "leangpt eager" and (theirs, batch) in speed:
+        theirs = "gguf-f32" if name.startswith("leangpt f32") else name.replace("leangpt ", "gguf-", 1)
+        if name.startswith("leangpt ") and (theirs, batch) in speed:
             out.append((name, theirs, batch, tok_s / speed[theirs, batch]))
     return out
 
@@ -165,7 +166,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median) after one warm-up")
     p.add_argument("--threads", type=int, default=2, help="threads of every runtime (torch, llama.cpp, onnxruntime)")
-    p.add_argument("--compile", action="store_true", help="also time leangpt's compiled decode step")
+    p.add_argument("--python-step", action="store_true",
+                   help="also time the float model on the compiled Python decode step (without the C++ step)")
     p.add_argument("--json-out", type=Path, default=Path("bench/export.json"), help="where to write the results")
     args = p.parse_args()
     args.batch = args.batch or [1, 8]

@@ -40,8 +40,8 @@ class BenchSettings:
     prompt_tokens: int = setting(32, "prompt length in tokens (random ids)")
     new_tokens: int = setting(128, "tokens generated per row (greedy, no early stop)")
     repeats: int = setting(3, "timed runs after one warm-up; the median is reported")
-    compile: bool = setting(True, "torch.compile the decode step (compile time not counted); --no-compile "
-                                 "times the eager engine")
+    compile: bool = setting(True, "torch.compile the decode step of several rows (one row on a CPU takes leangpt's "
+                                 "C++ step; compile time not counted); --no-compile times them eagerly")
     threads: int | None = setting(None, "torch threads (default: torch's choice, one per core)")
     device: str = setting("auto", "auto, cpu, cuda, ...")
 
@@ -130,7 +130,7 @@ def measure(s: BenchSettings, directory: str, batch: int) -> dict[str, Any]:
         "peak_memory_mb": round(peak, 1),
         "size_mb": round(size_on_disk_mb(Path(directory)), 3),
         "params": count_params(model),
-        "device": str(dev), "threads": torch.get_num_threads(), "compile": s.compile and engine.compile_error is None,
+        "device": str(dev), "threads": torch.get_num_threads(), "decode_step": engine.decode_step(batch),
         "machine": describe(),
     }
     if meta.get("quantization"):

@@ -126,6 +126,12 @@ class Engine:
                 self._compiled_one = self._compiled_rows = None
         return self._decode_eager(tokens, input_pos, kv_len)
 
+    def decode_step(self, batch: int) -> str:
+        """Which step decodes `batch` rows now: "c++" (leangpt's C++ step), "compiled" or "eager"."""
+        if batch == 1 and self.native is not None:
+            return "c++"
+        return "compiled" if (self._compiled_one if batch == 1 else self._compiled_rows) is not None else "eager"
+
     def setup_cache(self, batch: int, max_len: int) -> None:
         if self.compile:
             # Round up so that requests of nearby lengths share one cache shape, hence one compiled graph.

@@ -251,10 +251,12 @@ class GenerateSettings:
     batch_size: int = setting(8, "prompts of a --prompts file decoded together")
     draft: Path | None = setting(None, "draft checkpoint for speculative decoding (same tokenizer)")
     draft_tokens: int = setting(4, "draft tokens proposed per speculative round")
-    compile: bool = setting(True, "torch.compile the decode step for jobs of at least --compile-min-tokens (the "
+    compile: bool = setting(True, "torch.compile the decode step of several rows (one row on a CPU takes leangpt's "
+                                 "C++ step) for jobs of at least --compile-min-tokens (the "
                                  "first process on a machine compiles for about 10 s, later ones still trace "
                                  "for about 4 s; falls back to eager on failure); --no-compile decodes eagerly")
-    # On a CPU a compiled step saves about 0.8-1 ms a token at batch 1 and a process on a warm compile cache
+    # On a CPU a compiled step saved about 0.8-1 ms a token at batch 1 (before the C++ step took one row) and a
+    # process on a warm compile cache
     # spends about 4.6 s before its first compiled token (the pipeline's model, 2026-12-04): shorter jobs
     # finish sooner eagerly.
     compile_min_tokens: int = setting(4096, "compile only when prompts x max new tokens reach this; 0: always")

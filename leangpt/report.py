@@ -171,15 +171,20 @@ def busy_note(results: dict[str, Any]) -> str:
     return f"Quiet machine: load average {load:.2f} on {cores} cores when the run started."
 
 
+STEPS = {"c++": "leangpt's C++ decode step", "eager": "the eager decode step",
+         "compiled": "the compiled decode step (torch.compile; compile time not counted)"}
+
+
 def decode_path(results: dict[str, Any]) -> str:
-    """Which decode step bench timed: compiled (the default) or eager, as each record says."""
-    eager = sorted({name for name, v in results["variants"].items()
-                    for r in v["bench"].values() if not r.get("compile", False)})
-    if not eager:
-        return "on the compiled decode step (torch.compile; compile time not counted)"
-    if len(eager) == len(results["variants"]):
-        return "on the eager decode step"
-    return f"on the compiled decode step, eager for {', '.join(eager)} (compilation failed or was off)"
+    """Which decode step bench timed, as each record says (older records say only whether they compiled)."""
+    runs: dict[str, list[str]] = {}
+    for name, v in results["variants"].items():
+        for batch, r in v["bench"].items():
+            step = r.get("decode_step") or ("compiled" if r.get("compile") else "eager")
+            runs.setdefault(step, []).append(f"{name} b{batch}")
+    if len(runs) == 1:
+        return f"on {STEPS[next(iter(runs))]}"
+    return "; ".join(f"on {STEPS[step]} for {', '.join(names)}" for step, names in runs.items())
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -641,7 +641,8 @@ class ServeSettings:
                                             "gets 408 (a stream, an error event) and its rows stop; 0: no limit")
     api_key: str | None = setting(None, f"require 'Authorization: Bearer KEY' on /v1/ and /metrics (401 "
                                         f"without); default ${API_KEY_ENV}, else no key")
-    compile: bool = setting(True, "torch.compile the decode step (each batch shape compiles once, in the "
+    compile: bool = setting(True, "torch.compile the decode step of several rows (one row on a CPU takes leangpt's C++ step; "
+                                 "each batch shape compiles once, in the "
                                  "warm-up before serving; falls back to eager); --no-compile decodes eagerly")
     device: str = setting("auto", "auto, cpu, cuda, ...")
     log_level: str = setting("info", "server log level (requests and runs of the batch are logged at info)",

@@ -231,18 +231,23 @@ def test_report_says_what_was_not_installed(tiny_run):
     assert row.endswith("| — | — |")  # no lambada accuracy, no llama.cpp speed
 
 
-def _bench_records(compiled: dict[str, list[bool]]) -> dict:
-    return {"variants": {name: {"bench": {str(i): {"compile": c} for i, c in enumerate(flags)}}
-                         for name, flags in compiled.items()}}
+def _bench_records(steps: dict[str, dict[str, dict]]) -> dict:
+    return {"variants": {name: {"bench": records} for name, records in steps.items()}}
 
 
-@pytest.mark.parametrize("compiled, says", [
-    ({"dense": [True, True], "int8": [True, True]}, "on the compiled decode step (torch.compile"),
-    ({"dense": [False, False], "int8": [False]}, "on the eager decode step"),
-    ({"dense": [True, True], "int8": [True, False], "pruned": [True]}, "compiled decode step, eager for int8 ("),
+@pytest.mark.parametrize("steps, says", [
+    ({"dense": {"1": {"decode_step": "c++"}}, "int8": {"1": {"decode_step": "c++"}}},
+     "on leangpt's C++ decode step"),
+    ({"dense": {"1": {"decode_step": "c++"}, "8": {"decode_step": "compiled"}},
+      "int8": {"1": {"decode_step": "c++"}, "8": {"decode_step": "eager"}}},
+     "on leangpt's C++ decode step for dense b1, int8 b1; on the compiled decode step (torch.compile; compile "
+     "time not counted) for dense b8; on the eager decode step for int8 b8"),
+    ({"dense": {"1": {"compile": True}}, "int8": {"1": {"compile": False}}},  # records from before decode_step
+     "on the compiled decode step (torch.compile; compile time not counted) for dense b1; on the eager decode "
+     "step for int8 b1"),
 ])
-def test_report_says_which_decode_step_bench_timed(compiled, says):
-    assert says in report.decode_path(_bench_records(compiled))
+def test_report_says_which_decode_step_bench_timed(steps, says):
+    assert report.decode_path(_bench_records(steps)) == says
 
 
 def test_a_record_without_the_compile_key_counts_as_eager():

@@ -557,8 +557,9 @@ def benchmark_kernels(scheme: Scheme, out_features: int, in_features: int, devic
 
 def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: torch.device,
                   forced: str | None = None) -> str:
-    """The kernel for one layer shape: forced (argument or LEANGPT_QUANT_KERNEL), else the fastest correct
-    weight-only one by a cached one-time micro-benchmark."""
+    """The kernel for one layer shape: forced (argument or LEANGPT_QUANT_KERNEL), else leangpt's own C++ kernel
+    where it builds (the engine's C++ decode step, leangpt/native_decode.py, reads those layers only, and takes
+    the whole one-row step), else the fastest correct weight-only one by a cached one-time micro-benchmark."""
     forced = forced or os.environ.get("LEANGPT_QUANT_KERNEL") or None
     names = candidates(scheme, device, out_features, in_features)
     if forced:
@@ -568,11 +569,10 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
             raise UserError(f"kernel {forced!r} cannot run {scheme.name} with {in_features} inputs on {device}")
         return forced
     names = [name for name in names if not KERNELS[name].quantizes_activations]
-    if len(names) == 1:
-        return names[0]
-    # A rebuilt native library (new source, torch, CPU) has its own build directory: its timings are its own.
-    build = native.build_hash() if any(n.startswith("native-") for n in names) else "-"
-    key = f"quant-kernels|{machine_key(device)}|native={build}|{scheme.name}|{out_features}x{in_features}"
+    own = [name for name in names if name.startswith("native-")]
+    if len(names) == 1 or own:
+        return (own or names)[0]
+    key = f"quant-kernels|{machine_key(device)}|{scheme.name}|{out_features}x{in_features}"
     # Timings from before a candidate existed here (a torch upgrade, a new kernel) are measured again.
     timings = cached(key, lambda: benchmark_kernels(scheme, out_features, in_features, device),
                      accept=lambda stored: isinstance(stored, dict) and set(names) <= set(stored))
