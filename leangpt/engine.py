@@ -191,19 +191,22 @@ class Generation:
         idx = torch.zeros(B, P, dtype=torch.long, device=dev)  # right-padded prompts
         for row, r in enumerate(reqs):
             idx[row, :len(r.prompt)] = torch.tensor(r.prompt, device=dev)
-        shared = len(set(lens)) == 1
-        if shared:
-            pos = torch.tensor([P], device=dev)  # (1,) shared by all rows
+        if len(set(lens)) == 1:
+            # Positions (1,) shared by all rows, one per step (views of one tensor: no op per step).
+            positions = torch.arange(P, P + N, device=dev)[:, None]  # (N, 1)
             logits = eng.model(idx, torch.arange(P, device=dev), P)[:, -1]  # (B, V)
         else:
-            pos = torch.tensor(lens, device=dev)[:, None]  # (B, 1)
-            last_pos = torch.tensor([n + r.max_new_tokens - 1 for n, r in zip(lens, reqs)], device=dev)[:, None]
+            # Per-row positions (B, 1) per step, each stopping at its row's last one, so that no row runs past
+            # its part of the cache.
+            last = torch.tensor([n + r.max_new_tokens - 1 for n, r in zip(lens, reqs)], device=dev)
+            start = torch.tensor(lens, device=dev)
+            positions = torch.minimum(start + torch.arange(N, device=dev)[:, None], last)[:, :, None]  # (N, B, 1)
             logits = eng.model(idx, torch.arange(P, device=dev).expand(B, P), P)  # (B, P, V)
-            logits = logits[torch.arange(B, device=dev), pos[:, 0] - 1]  # each row's last prompt token
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens, logprobs) of steps not read yet
+            logits = logits[torch.arange(B, device=dev), start - 1]  # each row's last prompt token
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens, logits) of steps not read yet
         for step in range(N):
             tok = sampler.sample(logits)
-            pending.append((tok, token_logprobs(logits, tok)))
+            pending.append((tok, logits))
             sampler.observe(tok)  # an ended row's later counts are never used
             if step == 0:
                 self.prefill_s = time.perf_counter() - t0
@@ -216,9 +219,7 @@ class Generation:
                     break
             if step + 1 == N:
                 break
-            logits = eng.decode(tok[:, None], pos, P + step + 1)  # every row's position is <= P + step
-            # Per-row positions stop at each row's last one, so that no row runs past its part of the cache.
-            pos = pos + 1 if shared else torch.minimum(pos + 1, last_pos)
+            logits = eng.decode(tok[:, None], positions[step], P + step + 1)  # every position is <= P + step
             self.decode_steps += 1
         self.decode_s = time.perf_counter() - t0
         self.completions = rows.completions()
@@ -240,10 +241,13 @@ class _Rows:
 
     def read(self, pending: list[tuple[torch.Tensor, torch.Tensor]],
              stopped: set[int]) -> Iterator[list[tuple[int, int]]]:
-        """Take in the pending steps' tokens; yield each step's (row, token) emitted. stopped may grow while
-        a step's tokens are out: a row in it emits nothing more."""
-        tokens = torch.stack([t for t, _ in pending], 1).tolist()  # (B, steps)
-        logprobs = torch.stack([lp for _, lp in pending], 1).tolist()
+        """Take in the pending steps' tokens and logits; yield each step's (row, token) emitted. stopped may grow
+        while a step's tokens are out: a row in it emits nothing more."""
+        tokens = torch.stack([t for t, _ in pending], 1)  # (B, steps)
+        # The log-probabilities of all pending steps in one call (cheaper than one per step at batch 1)
+        logits = torch.stack([lg for _, lg in pending], 1)  # (B, steps, V)
+        logprobs = token_logprobs(logits.flatten(0, 1), tokens.flatten()).view_as(tokens).tolist()
+        tokens = tokens.tolist()
         for s in range(len(pending)):
             step, emitted = self.steps_read + s, []
             for row, r in enumerate(self.requests):

@@ -50,8 +50,11 @@ inline void float_rows(const float* x, const float* w, float* y, int64_t K, int6
     const float* r = w + n0 * K;
     __m256 acc[kFloatBlock];
     for (int i = 0; i < kFloatBlock; ++i) acc[i] = _mm256_setzero_ps();
+    const float* next = r + kFloatBlock * K;  // the next block's rows, fetched while this one computes
     for (int64_t k = 0; k < K; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
+      if (k % 16 == 0)
+        for (int i = 0; i < kFloatBlock; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
       for (int i = 0; i < kFloatBlock; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r + i * K + k), acc[i]);
     }
     _mm256_storeu_ps(y + n0, hsum8(acc));
