@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -146,16 +147,20 @@ def paired_medians(candidates: Mapping[str, Callable[[], Figure | None]], repeat
                    warmup: int = 1) -> dict[str, Figure]:
     """The median of each candidate over `repeats` rounds, every round calling each candidate in turn, so that
     load from other processes on a shared machine falls on all of them alike; `warmup` untimed rounds first.
+    The rounds after the first take the candidates in a shuffled order (seeded), so that none always runs
+    after the same other one: after one that filled the CPU's caches with its own data, or whose threads still
+    spin for work (onnxruntime's, OpenMP's).
 
     A candidate returns None (then its whole call is timed), the seconds of a part it timed itself (e.g. the
     decoding after the first token), or several figures by name, each of which gets its own median."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     samples: dict[str, list[Figure]] = {name: [] for name in candidates}
+    names = list(candidates)
     for round_ in range(warmup + repeats):
-        for name, fn in candidates.items():
+        for name in names if round_ == 0 else random.Random(round_).sample(names, len(names)):
             t0 = time.perf_counter()
-            figure = fn()
+            figure = candidates[name]()
             if round_ >= warmup:
                 samples[name].append(time.perf_counter() - t0 if figure is None else figure)
     return {name: _median(values) for name, values in samples.items()}
