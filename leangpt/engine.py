@@ -62,9 +62,9 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 
 
 class Engine:
-    """Batched generation with one model. `compile=True` compiles the one-token decode step (torch.compile)
-    and falls back to eager, with a note in `compile_error`, if compiling fails. On a CPU, one-row steps run
-    leangpt's C++ decode step where it covers the model (`native`; see leangpt/native_decode.py)."""
+    """Batched generation with one model. On a CPU, one-row steps run leangpt's C++ decode step where it
+    covers the model (`native`; leangpt/native_decode.py). `compile=True` compiles the other decode steps
+    (torch.compile) and falls back to eager, with a note in `compile_error`, if compiling fails."""
 
     def __init__(self, model: nn.Module, compile: bool = False, native: bool = True) -> None:
         self.model = model.eval()
