@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from leangpt.errors import UserError
@@ -137,12 +138,20 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Next tokens (B,) from logits (B, V)."""
         if self.all_greedy and self.counts is None:
-            return logits.argmax(-1)
+            return argmax(logits)
         x = self.process(logits)
         if self.all_greedy:
             return x.argmax(-1)
         sampled = self.draw(x.softmax(-1))
         return torch.where(self.greedy, x.argmax(-1), sampled)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1), the first of equal maxima; float32 CPU logits through numpy's, which takes 3 µs on a
+    (1, 8192) row where torch's takes 10 (a batch-1 CPU step is ~0.3 ms)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(logits.detach().numpy(), -1))
+    return logits.argmax(-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

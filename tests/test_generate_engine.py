@@ -14,7 +14,7 @@ from leangpt.cpu_linear import DecodeLinear, use_decode_linears
 from leangpt.engine import Engine, Request
 from leangpt.errors import UserError
 from leangpt.model import GPT
-from leangpt.sampling import Sampler, SamplingConfig
+from leangpt.sampling import argmax, Sampler, SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0)
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1, tie_embeddings=False)
@@ -133,6 +133,13 @@ def test_rows_stop_on_their_own():
                 gen.stop(1)
     assert seen[0] == free.tokens and seen[1] == free.tokens[:2]
     assert gen.completions[1].tokens == free.tokens[:2] and gen.completions[1].finish_reason == "stop"
+
+
+def test_greedy_argmax_takes_the_first_of_equal_maxima_as_torch_does():
+    logits = torch.tensor([[0.0, 3.0, 3.0, -1.0], [5.0, 1.0, 5.0, 5.0], [0.0, 0.0, 0.0, 0.0]])
+    for x in (logits, logits.flip(1), logits.t().contiguous().t(), logits[:, 1:], logits.to(torch.bfloat16)):
+        got = argmax(x)
+        assert got.dtype == torch.long and torch.equal(got, x.argmax(-1))
 
 
 def test_same_seed_same_tokens_different_seed_different_tokens():
