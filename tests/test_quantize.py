@@ -76,7 +76,9 @@ def test_fused_kernels_equal_dequantize_then_matmul(kernel, shape, group):
     module = KERNELS[kernel](qw, bias, CPU)
     few = module.gemv_rows
     many = (2, EAGER_DEQUANT_ROWS // 2 + 1, in_f)  # eval-sized: dequantized uncompiled
-    for rows in [(1, in_f), (1, 1, in_f), (3, 1, in_f), (few, in_f), (few + 1, in_f), (2, 9, in_f), many]:
+    # 3, 6, 7 rows: the C++ kernels' groups of four, two and one input rows
+    for rows in [(1, in_f), (1, 1, in_f), (3, 1, in_f), (6, in_f), (7, in_f), (few, in_f), (few + 1, in_f), (2, 9, in_f),
+                 many]:
         x = torch.randn(*rows, generator=gen)
         y = module(x)
         assert module.kernel == kernel  # compiled, not fallen back

@@ -428,10 +428,10 @@ class InductorInt8WordsLinear(FusedLinear):
 
 class NativeLinear(QuantLinear):
     """Base of the kernels in leangpt's own C++ (native.cpp, built once per machine for its instruction set):
-    up to `gemv_rows` rows of activations take a product that reads the stored integers once per row at their
-    width and converts them in registers; more rows dequantize the layer once per call, then matmul. Float
-    activations and accumulation: dequantize-then-matmul up to float rounding. Inside a compiled model the
-    operators are called from the compiled graph."""
+    up to `gemv_rows` rows of activations take a product that reads the stored integers at their width and
+    converts them in registers, once for every four rows; more rows dequantize the layer once per call, then
+    matmul. Float activations and accumulation: dequantize-then-matmul up to float rounding. Inside a compiled
+    model the operators are called from the compiled graph."""
 
     gemv_rows = GEMV_ROWS
     in_pad = 0
@@ -458,9 +458,12 @@ class NativeLinear(QuantLinear):
 
 
 class NativeInt8Linear(NativeLinear):
-    """int8 per output channel from the stored (out, in) integers."""
+    """int8 per output channel from the stored (out, in) integers. Its product converts each weight vector
+    once for four rows, and stays faster than dequantize-then-matmul up to 32 rows (704 × 256: 118 against 148 µs
+    at 32 rows, 247 against 217 at 64, on the 2-core EPYC)."""
 
     kernel = "native-int8"
+    gemv_rows = 32
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__(qw, bias, device)

@@ -1,6 +1,6 @@
 // CPU operators for weight-only int8 and int4 linear layers, built once per machine by leangpt/quant/native.py
-// (with -O3 -march=native): one-to-eight-row products (decode, small batches) on the row kernels of
-// native_rows.h, and dequantization for more rows. Each equals dequantize-then-matmul up to float rounding.
+// (with -O3 -march=native): few-row products (decode, small batches) on the row kernels of native_rows.h,
+// four input rows at a time, and dequantization for more rows. Each equals dequantize-then-matmul up to float rounding.
 // No float copy of a weight is made for the products; inductor's generated code for the same product loads
 // 8 int8 as a partial vector, which AVX2 does through memory, here each load is a full one.
 
@@ -35,7 +35,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (N + kInt8Block - 1) / kInt8Block;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kWorkPerTask / (K * kInt8Block)), [&](int64_t b0, int64_t b1) {
-    for (int64_t m = 0; m < M; ++m)  // this task's weights stay in cache from one row to the next
+    const int64_t n0 = b0 * kInt8Block, n1 = std::min(N, b1 * kInt8Block);
+    int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
+    for (; m + 4 <= M; m += 4)
+      for (int64_t n = n0; n < n1; n += 2) int8_rows_m<4>(xp + m * K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+    for (; m + 2 <= M; m += 2)
+      for (int64_t n = n0; n < n1; n += 2) int8_rows_m<2>(xp + m * K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+    for (; m < M; ++m)
       for (int64_t b = b0; b < b1; ++b)
         int8_rows(xp + m * K, qp, sp, yp + m * N, K, b * kInt8Block, std::min(N, (b + 1) * kInt8Block));
   });
@@ -59,17 +65,19 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (N + kInt4Block - 1) / kInt4Block;
   at::parallel_for(0, blocks, std::max<int64_t>(1, 2 * kWorkPerTask / (K * kInt4Block)), [&](int64_t b0, int64_t b1) {
-    float dots[kInt4Block];
-    for (int64_t m = 0; m < M; ++m)
+    const int64_t n0 = b0 * kInt4Block, n1 = std::min(N, b1 * kInt4Block), bytes = K / 2;
+    int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
+    for (; m + 4 <= M; m += 4)
+      for (int64_t n = n0; n < n1; ++n) int4_rows_m<4>(xp + m * K, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+    for (; m + 2 <= M; m += 2)
+      for (int64_t n = n0; n < n1; ++n) int4_rows_m<2>(xp + m * K, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+    for (; m < M; ++m)
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n0 = b * kInt4Block, n1 = std::min(N, n0 + kInt4Block);
-        int4_rows(xp + m * K, pp + n0 * (K / 2), sp + n0 * G, dots, K, G, n0, n1);
-        for (int64_t n = n0; n < n1; ++n) {
-          float zero_term = 0.f;
-          for (int64_t g = 0; g < G; ++g) zero_term += zp[n * G + g] * xs[m * G + g];
-          yp[m * N + n] = dots[n - n0] - zero_term;
-        }
+        const int64_t r0 = b * kInt4Block, r1 = std::min(N, r0 + kInt4Block);
+        int4_rows(xp + m * K, pp + r0 * bytes, sp + r0 * G, yp + m * N + r0, K, G, r0, r1);
       }
+    for (m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) yp[m * N + n] -= dot(zp + n * G, xs.data() + m * G, G);
   });
   return y;
 }

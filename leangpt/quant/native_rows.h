@@ -37,6 +37,12 @@ inline __m128 hsum4(const __m256* a) {  // lane i: the sum of a[i]'s lanes
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+inline float hsum(__m256 a) {  // the sum of a's lanes
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_hadd_ps(h, h);
+  return _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
 inline __m256 int8x8(const int8_t* p) {  // eight int8 weights as eight floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -94,6 +100,34 @@ inline void int8_rows(const float* x, const int8_t* q, const float* scales, floa
   }
 }
 
+// y[m * ldy + n] for Mr input rows m (x: Mr rows of K) and the output rows n0:n1, n1 - n0 <= 2, for int8: each
+// weight vector is converted once for all Mr rows (the one-row kernel above converts it once per row).
+template <int Mr>
+inline void int8_rows_m(const float* x, const int8_t* q, const float* scales, float* y, int64_t K, int64_t ldy,
+                        int64_t n0, int64_t n1) {
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == 2 && K % 8 == 0) {
+    const int8_t *w0 = q + n0 * K, *w1 = w0 + K;
+    __m256 a0[Mr], a1[Mr];
+    for (int m = 0; m < Mr; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 v0 = int8x8(w0 + k), v1 = int8x8(w1 + k);
+      for (int m = 0; m < Mr; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+        a0[m] = _mm256_fmadd_ps(xv, v0, a0[m]);
+        a1[m] = _mm256_fmadd_ps(xv, v1, a1[m]);
+      }
+    }
+    for (int m = 0; m < Mr; ++m) {
+      y[m * ldy + n0] = hsum(a0[m]) * scales[n0];
+      y[m * ldy + n0 + 1] = hsum(a1[m]) * scales[n0 + 1];
+    }
+    return;
+  }
+#endif
+  for (int m = 0; m < Mr; ++m) int8_rows(x + m * K, q, scales, y + m * ldy, K, n0, n1);
+}
+
 // Σ_k x[k] q[n, k] scales[n, g] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one input row, into
 // out[0 : n1 - n0]; the zero points are applied by the caller. p: row n0's packed bytes, scales: row n0's.
 inline void int4_rows(const float* x, const uint8_t* p, const float* scales, float* out, int64_t K, int64_t G,
@@ -146,15 +180,53 @@ inline void int4_rows(const float* x, const uint8_t* p, const float* scales, flo
   }
 }
 
+// out[m * ldo] = Σ_k x[m, k] q[k] scales[g] for Mr input rows m (x: Mr rows of K) and one output row (p, scales:
+// its packed bytes and G scales), for int4: each weight vector is unpacked once for all Mr rows. The zero points
+// are applied by the caller.
+template <int Mr>
+inline void int4_rows_m(const float* x, const uint8_t* p, const float* scales, float* out, int64_t K, int64_t G,
+                        int64_t ldo) {
+#ifdef LEANGPT_AVX2
+  const int64_t gs = K / G;
+  const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+  const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));
+  const __m256i low4 = _mm256_set1_epi32(0x0F);
+  __m256 sum[Mr], acc[Mr];
+  for (int m = 0; m < Mr; ++m) sum[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int m = 0; m < Mr; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = g * gs; b < (g + 1) * gs; b += 32) {  // as in int4_rows: inputs b..b+7, +8, +16, +24
+      const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b / 2)));
+      const __m256i d0 = _mm256_shuffle_epi8(bytes, first), d1 = _mm256_shuffle_epi8(bytes, second);
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(d0, low4));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(d1, low4));
+      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4));
+      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
+      for (int m = 0; m < Mr; ++m) {
+        const float* xm = x + m * K + b;
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w0, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w1, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), w2, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), w3, acc[m]);
+      }
+    }
+    const __m256 scale = _mm256_set1_ps(scales[g]);
+    for (int m = 0; m < Mr; ++m) sum[m] = _mm256_fmadd_ps(acc[m], scale, sum[m]);
+  }
+  for (int m = 0; m < Mr; ++m) out[m * ldo] = hsum(sum[m]);
+#else
+  for (int m = 0; m < Mr; ++m) int4_rows(x + m * K, p, scales, out + m * ldo, K, G, 0, 1);
+#endif
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t k = 0;
   float total = 0.f;
 #ifdef LEANGPT_AVX2
   __m256 acc = _mm256_setzero_ps();
   for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 s = _mm_hadd_ps(_mm_hadd_ps(h, h), _mm_hadd_ps(h, h));
-  total = _mm_cvtss_f32(s);
+  total = hsum(acc);
 #endif
   for (; k < n; ++k) total += a[k] * b[k];
   return total;
