@@ -1,8 +1,9 @@
 // The one-token decode step of a GPT at batch 1 on a CPU, whole, in C++ (llama.cpp's shape): every block's
 // norms, products, QK-norm, RoPE, KV-cache write and attention, then the final norm and the head, in one
 // OpenMP parallel region. The threads split each product's output rows and the attention's key/value heads,
-// and meet at a barrier between phases; a norm (a few hundred numbers) runs on one thread. Nothing is
-// allocated but the logits, and no operator is dispatched, so a step costs its weight reads and ~30 barriers.
+// and meet at a barrier between phases; each thread norms its own copy of a product's input (a few hundred
+// numbers: cheaper than waiting for one thread to do it). Nothing is allocated but the logits and each
+// thread's scratch, and no operator is dispatched, so a step costs its weight reads and 5 barriers a block.
 //
 // leangpt/native_decode.py builds a Decoder from a model (float, int8 and int4 linear layers; the GPT-2,
 // llama, Qwen3 and nanochat options of leangpt/model.py); the model's own prefill fills the KV cache that the
@@ -122,8 +123,10 @@ struct Decoder : torch::CustomClassHolder {
   Norm norm_f;
   Linear head;
   std::vector<at::Tensor> k_cache, v_cache;  // per block (rows, n_kv_head, max_len, head_dim): row 0 is decoded
-  // Activations, each as long as its widest reader reads (zeros past what is written: padded int4 inputs).
-  std::vector<float> x, h, qkv, att, hidden, gate_out, fc_out, out;
+  // Activations, each as long as its widest reader reads (zeros past what is written: padded int4 inputs). The
+  // normed input of a product is each thread's own copy (`normed` floats), so no thread waits for a norm.
+  std::vector<float> x, qkv, att, hidden, gate_out, fc_out, out;
+  int64_t normed = 0;
 
   Decoder(int64_t n_embd, int64_t head_dim, int64_t mlp, double softcap, at::Tensor rope_cos, at::Tensor rope_sin)
       : n_embd(n_embd), head_dim(head_dim), mlp(mlp), softcap(softcap), rope_cos(rope_cos), rope_sin(rope_sin) {}
@@ -212,7 +215,8 @@ struct Decoder : torch::CustomClassHolder {
       m = std::max(m, b.down.K);
     }
     widest = std::max(widest, head.K);
-    x.assign(n_embd, 0.f), h.assign(widest, 0.f), qkv.assign(q, 0.f), att.assign(a, 0.f), hidden.assign(m, 0.f);
+    normed = widest;
+    x.assign(n_embd, 0.f), qkv.assign(q, 0.f), att.assign(a, 0.f), hidden.assign(m, 0.f);
     gate_out.assign(m, 0.f), fc_out.assign(m, 0.f), out.assign(n_embd, 0.f);
   }
 
@@ -269,10 +273,10 @@ struct Decoder : torch::CustomClassHolder {
     for (int64_t n = n0; n < n1; ++n) x[n] += out[n];
   }
 
-  void mlp_hidden(const Block& b, float* sums) {
+  void mlp_hidden(const Block& b, const float* h, float* sums) {
     auto [n0, n1] = share(b.fc.N, kRowAlign);
-    b.fc.rows(h.data(), fc_out.data(), n0, n1, sums);
-    if (mlp == kSwiglu) b.gate.rows(h.data(), gate_out.data(), n0, n1, sums);
+    b.fc.rows(h, fc_out.data(), n0, n1, sums);
+    if (mlp == kSwiglu) b.gate.rows(h, gate_out.data(), n0, n1, sums);
     for (int64_t n = n0; n < n1; ++n) hidden[n] = activation(mlp, gate_out[n], fc_out[n]);
     if (omp_get_thread_num() == 0) std::fill(hidden.begin() + b.fc.N, hidden.end(), 0.f);
   }
@@ -296,10 +300,9 @@ struct Decoder : torch::CustomClassHolder {
     float* y = logits.data_ptr<float>();
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      std::vector<float> sums(groups), scores(pos + 1);
+      std::vector<float> sums(groups), scores(pos + 1), h(normed, 0.f);
       for (size_t i = 0; i < blocks.size(); ++i) {
         const Block& b = blocks[i];
-#pragma omp single
         b.norm1.apply(x.data(), h.data(), n_embd);
         {
           auto [n0, n1] = share(b.qkv.N, kRowAlign);
@@ -310,14 +313,12 @@ struct Decoder : torch::CustomClassHolder {
 #pragma omp barrier
         add_product(b.proj, att.data(), sums.data());
 #pragma omp barrier
-#pragma omp single
         b.norm2.apply(x.data(), h.data(), n_embd);
-        mlp_hidden(b, sums.data());
+        mlp_hidden(b, h.data(), sums.data());
 #pragma omp barrier
         add_product(b.down, hidden.data(), sums.data());
 #pragma omp barrier
       }
-#pragma omp single
       norm_f.apply(x.data(), h.data(), n_embd);
       auto [n0, n1] = share(head.N, kRowAlign);
       head.rows(h.data(), y, n0, n1, sums.data());
