@@ -47,6 +47,22 @@ inline __m256 int8x8(const int8_t* p) {  // eight int8 weights as eight floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// The 32 int4 weights of 16 packed bytes as four vectors of 8 consecutive inputs (0-7, 8-15, 16-23, 24-31). The
+// 16 bytes sit in both 128-bit lanes; an in-lane byte shuffle puts byte j (0..7, then 8..15) in the low byte of
+// 32-bit lane j, whose low nibble is input j and whose value >> 4 is input j + 16.
+inline void int4x32(const uint8_t* p, __m256* w) {
+  const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+  const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));
+  const __m256i low4 = _mm256_set1_epi32(0x0F);
+  const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i d0 = _mm256_shuffle_epi8(bytes, first), d1 = _mm256_shuffle_epi8(bytes, second);
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(d0, low4));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(d1, low4));
+  w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4));
+  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
+}
+
 #endif
 
 // y[n0:n1] of one input row for float weights, n1 - n0 <= kFloatBlock
@@ -135,13 +151,7 @@ inline void int4_rows(const float* x, const uint8_t* p, const float* scales, flo
   const int64_t gs = K / G, half = K / 2;
 #ifdef LEANGPT_AVX2
   if (n1 - n0 == kInt4Block) {
-    // The 16 bytes of 32 inputs sit in both 128-bit lanes; an in-lane byte shuffle puts byte j (0..7, then 8..15)
-    // in the low byte of 32-bit lane j, whose low nibble is input j and whose value >> 4 is input j + 16.
-    const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
-                                           4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-    const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));
-    const __m256i low4 = _mm256_set1_epi32(0x0F);
-    __m256 sum[kInt4Block], acc[kInt4Block];
+    __m256 sum[kInt4Block], acc[kInt4Block], w[4];
     for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       for (int i = 0; i < kInt4Block; ++i) acc[i] = _mm256_setzero_ps();
@@ -149,13 +159,11 @@ inline void int4_rows(const float* x, const uint8_t* p, const float* scales, flo
         const __m256 x0 = _mm256_loadu_ps(x + b), x1 = _mm256_loadu_ps(x + b + 8);
         const __m256 x2 = _mm256_loadu_ps(x + b + 16), x3 = _mm256_loadu_ps(x + b + 24);
         for (int i = 0; i < kInt4Block; ++i) {
-          const __m256i bytes =
-              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * half + b / 2)));
-          const __m256i d0 = _mm256_shuffle_epi8(bytes, first), d1 = _mm256_shuffle_epi8(bytes, second);
-          acc[i] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_and_si256(d0, low4)), acc[i]);
-          acc[i] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_and_si256(d1, low4)), acc[i]);
-          acc[i] = _mm256_fmadd_ps(x2, _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4)), acc[i]);
-          acc[i] = _mm256_fmadd_ps(x3, _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4)), acc[i]);
+          int4x32(p + i * half + b / 2, w);
+          acc[i] = _mm256_fmadd_ps(x0, w[0], acc[i]);
+          acc[i] = _mm256_fmadd_ps(x1, w[1], acc[i]);
+          acc[i] = _mm256_fmadd_ps(x2, w[2], acc[i]);
+          acc[i] = _mm256_fmadd_ps(x3, w[3], acc[i]);
         }
       }
       for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_fmadd_ps(acc[i], _mm256_set1_ps(scales[i * G + g]), sum[i]);
@@ -188,27 +196,18 @@ inline void int4_rows_m(const float* x, const uint8_t* p, const float* scales, f
                         int64_t ldo) {
 #ifdef LEANGPT_AVX2
   const int64_t gs = K / G;
-  const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
-                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-  const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));
-  const __m256i low4 = _mm256_set1_epi32(0x0F);
-  __m256 sum[Mr], acc[Mr];
+  __m256 sum[Mr], acc[Mr], w[4];
   for (int m = 0; m < Mr; ++m) sum[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     for (int m = 0; m < Mr; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t b = g * gs; b < (g + 1) * gs; b += 32) {  // as in int4_rows: inputs b..b+7, +8, +16, +24
-      const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b / 2)));
-      const __m256i d0 = _mm256_shuffle_epi8(bytes, first), d1 = _mm256_shuffle_epi8(bytes, second);
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(d0, low4));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(d1, low4));
-      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4));
-      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
+    for (int64_t b = g * gs; b < (g + 1) * gs; b += 32) {
+      int4x32(p + b / 2, w);
       for (int m = 0; m < Mr; ++m) {
         const float* xm = x + m * K + b;
-        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w0, acc[m]);
-        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w1, acc[m]);
-        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), w2, acc[m]);
-        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), w3, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w[0], acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w[1], acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), w[2], acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), w[3], acc[m]);
       }
     }
     const __m256 scale = _mm256_set1_ps(scales[g]);
