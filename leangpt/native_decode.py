@@ -63,6 +63,8 @@ class NativeDecoder:
     references to them, not copies)."""
 
     def __init__(self, model: GPT) -> None:
+        if not native.available():  # also loads the library that defines the class
+            raise RuntimeError("leangpt's C++ kernels could not be built here")
         c = model.config
         self.model = model
         rope = (model.rope_cos, model.rope_sin) if c.pos == "rope" else (_NONE, _NONE)

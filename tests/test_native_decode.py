@@ -26,6 +26,8 @@ CONFIGS = {
     "qwen3-head-dim": {**QWEN3, "n_head": 4, "n_kv_head": 2, "head_dim": 24},
     "nanochat": {**QWEN3, "mlp": "relu2", "norm_weight": False, "embed_norm": True, "logit_softcap": 15.0},
     "odd-widths": {"n_embd": 40, "n_head": 5, "vocab_size": 301},  # rows and inputs off the 8-row blocks
+    "head-dim-12": {**QWEN3, "n_head": 2, "head_dim": 12},  # attention without 8-lane vectors
+    "head-dim-80": {**LLAMA, "n_head": 2, "n_kv_head": 2, "head_dim": 80},  # values in 64 + 16 lanes
 }
 GREEDY = SamplingConfig(temperature=0)
 
@@ -45,7 +47,7 @@ def step_errors(model: GPT, tokens: int = 24, prompt: int = 5) -> float:
     decoder = NativeDecoder(model)
     with torch.inference_mode():
         want = model(idx)[0]  # (T, V), no cache
-        model.setup_cache(1, 64)
+        model.setup_cache(1, tokens)
         model(idx[:, :prompt], torch.arange(prompt), prompt)
         worst = 0.0
         for t in range(prompt, tokens):
@@ -60,6 +62,11 @@ def test_the_step_equals_the_full_forward(options):
     model = tiny(**options)
     assert unsupported(model) is None
     assert step_errors(model) < 1e-5
+
+
+def test_a_long_cache():
+    # Softmax over up to 250 positions: the vectorised exp over many 8-lane blocks and a tail.
+    assert step_errors(tiny(**{**LLAMA, "block_size": 256}), tokens=251, prompt=3) < 1e-5
 
 
 def test_two_threads_split_the_rows_and_heads_as_one_does():

@@ -103,6 +103,65 @@ float activation(int64_t mlp, float g, float f) {  // the MLP's hidden unit from
   return 0.5f * f * (1.f + std::tanh(c * (f + 0.044715f * f * f * f)));
 }
 
+#ifdef LEANGPT_AVX2
+// e^x of eight lanes (Cephes' expf: 2^n times a polynomial of the remainder; about 1 ulp), for x <= 0.
+__m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));  // e^x underflows below; this keeps 2^n a normal float
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+#endif
+
+// scores[0:n] = e^(scores - top); returns their sum.
+float exp_sum(float* scores, int64_t n, float top) {
+  int64_t t = 0;
+  float total = 0.f;
+#ifdef LEANGPT_AVX2
+  __m256 sum = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(scores + t, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  total = hsum(sum);
+#endif
+  for (; t < n; ++t) total += scores[t] = std::exp(scores[t] - top);
+  return total;
+}
+
+// y[0:D] = Σ_t p[t] values[t, 0:D] / total, 64 outputs at a time in registers.
+void weighted_values(const float* p, const float* values, float* y, int64_t n, int64_t D, float total) {
+  const float inv = 1.f / total;
+#ifdef LEANGPT_AVX2
+  if (D % 8 == 0) {
+    for (int64_t i0 = 0; i0 < D; i0 += 64) {
+      const int64_t lanes = std::min<int64_t>(64, D - i0) / 8;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 pt = _mm256_set1_ps(p[t]);
+        const float* vt = values + t * D + i0;
+        for (int j = 0; j < lanes; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < lanes; ++j) _mm256_storeu_ps(y + i0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+    }
+    return;
+  }
+#endif
+  std::fill(y, y + D, 0.f);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < D; ++i) y[i] += p[t] * values[t * D + i];
+  for (int64_t i = 0; i < D; ++i) y[i] *= inv;
+}
+
 void rope(float* x, const float* cos, const float* sin, int64_t d) {  // Hugging Face's rotate-half layout
   const int64_t h = d / 2;
   for (int64_t i = 0; i < h; ++i) {
@@ -252,15 +311,10 @@ struct Decoder : torch::CustomClassHolder {
         float* q = qkv.data() + hd * D;
         if (b.qk_norm) b.q_norm.apply(q, q, D);
         if (cs) rope(q, cs, sn, D);
-        float top = -INFINITY, total = 0.f;
+        float top = -INFINITY;
         for (int64_t t = 0; t <= pos; ++t) top = std::max(top, scores[t] = dot(q, keys + t * D, D) * scale);
-        for (int64_t t = 0; t <= pos; ++t) total += scores[t] = std::exp(scores[t] - top);
-        float* y = att.data() + hd * D;
-        std::fill(y, y + D, 0.f);
-        for (int64_t t = 0; t <= pos; ++t) {
-          const float p = scores[t] / total, *vt = values + t * D;
-          for (int64_t i = 0; i < D; ++i) y[i] += p * vt[i];
-        }
+        const float total = exp_sum(scores.data(), pos + 1, top);
+        weighted_values(scores.data(), values, att.data() + hd * D, pos + 1, D, total);
       }
     }
     if (omp_get_thread_num() == 0) std::fill(att.begin() + q_size, att.end(), 0.f);  // a pruned layer's tail
