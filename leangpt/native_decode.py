@@ -44,7 +44,8 @@ def unsupported(model: nn.Module) -> str | None:
     """Why the C++ step cannot decode this model, or None if it can."""
     if not isinstance(model, GPT):
         return f"{type(model).__name__} is not leangpt's GPT"
-    if model._float_tensor().dtype != torch.float32 or model._float_tensor().device.type != "cpu":
+    weight = model._float_tensor()
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return "the model is not float32 on a CPU"
     layers = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
     layers += [b.mlp.gate for b in model.blocks if hasattr(b.mlp, "gate")]

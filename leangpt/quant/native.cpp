@@ -1,6 +1,7 @@
 // CPU operators for weight-only int8 and int4 linear layers, built once per machine by leangpt/quant/native.py
 // (with -O3 -march=native): few-row products (decode, small batches) on the row kernels of native_rows.h,
-// four input rows at a time, and dequantization for more rows. Each equals dequantize-then-matmul up to float rounding.
+// four input rows at a time, and dequantization for more rows. Each equals dequantize-then-matmul up to float
+// rounding.
 // No float copy of a weight is made for the products; inductor's generated code for the same product loads
 // 8 int8 as a partial vector, which AVX2 does through memory, here each load is a full one.
 

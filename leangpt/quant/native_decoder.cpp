@@ -185,7 +185,7 @@ struct Decoder : torch::CustomClassHolder {
   // Activations, each as long as its widest reader reads (zeros past what is written: padded int4 inputs). The
   // normed input of a product is each thread's own copy (`normed` floats), so no thread waits for a norm.
   std::vector<float> x, qkv, att, hidden, gate_out, fc_out, out;
-  int64_t normed = 0;
+  int64_t normed = 0, groups = 1;  // groups: the most int4 groups of a layer (each thread's Σ x per group)
 
   Decoder(int64_t n_embd, int64_t head_dim, int64_t mlp, double softcap, at::Tensor rope_cos, at::Tensor rope_sin)
       : n_embd(n_embd), head_dim(head_dim), mlp(mlp), softcap(softcap), rope_cos(rope_cos), rope_sin(rope_sin) {}
@@ -275,6 +275,8 @@ struct Decoder : torch::CustomClassHolder {
     }
     widest = std::max(widest, head.K);
     normed = widest;
+    groups = head.G;
+    for (const Block& b : blocks) groups = std::max({groups, b.qkv.G, b.proj.G, b.gate.G, b.fc.G, b.down.G});
     x.assign(n_embd, 0.f), qkv.assign(q, 0.f), att.assign(a, 0.f), hidden.assign(m, 0.f);
     gate_out.assign(m, 0.f), fc_out.assign(m, 0.f), out.assign(n_embd, 0.f);
   }
@@ -348,9 +350,6 @@ struct Decoder : torch::CustomClassHolder {
       embed(token, pos);
     }
     auto logits = at::empty({1, head.N}, at::TensorOptions().dtype(at::kFloat));
-    int64_t groups = 1;
-    for (const Block& b : blocks) groups = std::max({groups, b.qkv.G, b.proj.G, b.gate.G, b.fc.G, b.down.G});
-    groups = std::max(groups, head.G);
     float* y = logits.data_ptr<float>();
 #pragma omp parallel num_threads(at::get_num_threads())
     {
