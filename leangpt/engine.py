@@ -62,9 +62,9 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 
 
 class Engine:
-    """Batched generation with one model. On a CPU, one-row steps run leangpt's C++ decode step where it
-    covers the model (`native`; leangpt/native_decode.py). `compile=True` compiles the other decode steps
-    (torch.compile) and falls back to eager, with a note in `compile_error`, if compiling fails."""
+    """Batched generation with one model. On a CPU, steps of up to NativeDecoder.max_rows rows run leangpt's C++
+    decode step where it covers the model (`native`; leangpt/native_decode.py). `compile=True` compiles the other
+    decode steps (torch.compile) and falls back to eager, with a note in `compile_error`, if compiling fails."""
 
     def __init__(self, model: nn.Module, compile: bool = False, native: bool = True) -> None:
         self.model = model.eval()
@@ -112,9 +112,9 @@ class Engine:
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """Logits (B, V) for one new token per row: tokens (B, 1) at input_pos (1,) or (B, 1), every position
         below kv_len if given. Eager, and compiled on a CPU, attend to those kv_len cache slots only; compiled
-        steps elsewhere keep one shape, the whole cache. The C++ step (one row) attends to the positions up to
-        its own."""
-        if self.native is not None and tokens.size(0) == 1:
+        steps elsewhere keep one shape, the whole cache. The C++ step attends to each row's positions up to its
+        own."""
+        if self._native_rows(tokens.size(0)):
             return self.native.step(tokens, input_pos)
         compiled = self._compiled_one if tokens.size(0) == 1 else self._compiled_rows
         if compiled is not None:
@@ -126,9 +126,12 @@ class Engine:
                 self._compiled_one = self._compiled_rows = None
         return self._decode_eager(tokens, input_pos, kv_len)
 
+    def _native_rows(self, batch: int) -> bool:
+        return self.native is not None and batch <= self.native.max_rows
+
     def decode_step(self, batch: int) -> str:
         """Which step decodes `batch` rows now: "c++" (leangpt's C++ step), "compiled" or "eager"."""
-        if batch == 1 and self.native is not None:
+        if self._native_rows(batch):
             return "c++"
         return "compiled" if (self._compiled_one if batch == 1 else self._compiled_rows) is not None else "eager"
 

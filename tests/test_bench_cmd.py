@@ -34,7 +34,7 @@ def test_bench_two_models_json(tiny_checkpoint, tmp_path, capsys):
         assert FIELDS <= set(r)
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["time_to_first_token_s"] > 0
         assert r["peak_memory_mb"] > 0 and r["params"] == model.num_params()
-        assert r["decode_step"] == "compiled"  # the default for several rows
+        assert r["decode_step"] == "c++"  # the default up to NativeDecoder.max_rows rows
     assert abs(records[0]["size_mb"] - size) < 1e-3 and records[1]["size_mb"] < 0.8 * size
     assert "quantization" not in records[0] and "kernels" not in records[0]
     assert records[1]["quantization"] and sum(records[1]["kernels"].values()) > 0

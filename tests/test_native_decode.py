@@ -57,11 +57,48 @@ def step_errors(model: GPT, tokens: int = 24, prompt: int = 5) -> float:
     return worst / float(want.abs().max())
 
 
+def rows_errors(model: GPT, rows: int, tokens: int = 20) -> float:
+    """Largest |C++ step logits - full forward logits| over several rows decoded together, each from its own
+    prompt length, so at its own position (and its own KV-cache row)."""
+    idx = torch.randint(0, model.config.vocab_size, (rows, tokens), generator=torch.Generator().manual_seed(3))
+    starts = [4 + (3 * r) % 7 for r in range(rows)]  # 4..10
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        want = model(idx)  # (B, T, V), no cache
+        model.setup_cache(rows, tokens)
+        P = max(starts)
+        model(idx[:, :P], torch.arange(P), P)
+        worst = 0.0
+        for t in range(tokens - P):
+            pos = torch.tensor(starts)[:, None] + t  # (B, 1)
+            got = decoder.step(idx.gather(1, pos), pos)
+            assert got.shape == (rows, model.config.vocab_size)
+            expected = want[torch.arange(rows), pos[:, 0]]
+            worst = max(worst, float((got - expected).abs().max()))
+    return worst / float(want.abs().max())
+
+
 @pytest.mark.parametrize("options", list(CONFIGS.values()), ids=list(CONFIGS))
 def test_the_step_equals_the_full_forward(options):
     model = tiny(**options)
     assert unsupported(model) is None
     assert step_errors(model) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [2, 3, 7, 9])  # groups of 4, 2 and 1 input rows; 9: int4 dequantizes
+@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
+def test_several_rows_at_their_own_positions_equal_the_full_forward(rows, weights):
+    model = tiny(**QWEN3)
+    if weights != "float":
+        model = quantized(model, 8 if weights == "int8" else 4, 32)
+    assert rows_errors(model, rows) < 1e-5
+
+
+@pytest.mark.parametrize("options", [CONFIGS["gpt2"], CONFIGS["odd-widths"], CONFIGS["nanochat"]],
+                         ids=["gpt2", "odd-widths", "nanochat"])
+def test_several_rows_of_other_architectures(options):
+    torch.set_num_threads(2)
+    assert rows_errors(tiny(**options), 5) < 1e-5
 
 
 def test_a_long_cache():
@@ -128,9 +165,17 @@ def test_the_engine_decodes_one_row_by_the_step_and_equals_its_python_step():
         got = engine.generate(requests)
         assert got[0].tokens == want[0].tokens
         assert got[0].logprobs == pytest.approx(want[0].logprobs, abs=1e-4)
-    # Several rows take the model's own batched step.
-    rows = [Request([1, 2, 3], 6, GREEDY), Request([4], 9, GREEDY)]
-    assert [c.tokens for c in engine.generate(rows)] == [c.tokens for c in python.generate(rows)]
+    # Several rows, of different prompt lengths, take the C++ step too; more than max_rows the Python step.
+    rows = [Request([1, 2, 3], 6, GREEDY), Request([4], 9, GREEDY), Request([5, 6], 7, GREEDY)]
+    want = python.generate(rows)
+    assert engine.decode_step(3) == "c++"
+    for max_rows in (NativeDecoder.max_rows, 2):
+        engine.native.max_rows = max_rows
+        got = engine.generate(rows)
+        assert [c.tokens for c in got] == [c.tokens for c in want]
+        for g, w in zip(got, want):
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert engine.decode_step(3) == "eager" and engine.decode_step(2) == "c++"
 
 
 def test_what_the_step_does_not_cover_says_why():
@@ -141,6 +186,10 @@ def test_what_the_step_does_not_cover_says_why():
                                                   model.blocks[0].mlp.fc.bias, torch.device("cpu"))
     assert unsupported(model) == "ReferenceLinear layers have no C++ decode step"
     assert Engine(model).native is None  # and the engine decodes it in Python
-    decoder = NativeDecoder(tiny())
+    model = tiny()
+    decoder = NativeDecoder(model)
     with pytest.raises(RuntimeError, match="setup_cache"):
         decoder.step(torch.tensor([[1]]), torch.tensor([0]))
+    model.setup_cache(1, 8)
+    with pytest.raises(RuntimeError, match="2 rows, the KV cache has 1"):
+        decoder.step(torch.tensor([[1], [2]]), torch.tensor([0]))

@@ -39,9 +39,11 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     const int64_t n0 = b0 * kInt8Block, n1 = std::min(N, b1 * kInt8Block);
     int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
     for (; m + 4 <= M; m += 4)
-      for (int64_t n = n0; n < n1; n += 2) int8_rows_m<4>(xp + m * K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+      for (int64_t n = n0; n < n1; n += 2)
+        int8_rows_m<4>(xp + m * K, K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
     for (; m + 2 <= M; m += 2)
-      for (int64_t n = n0; n < n1; n += 2) int8_rows_m<2>(xp + m * K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+      for (int64_t n = n0; n < n1; n += 2)
+        int8_rows_m<2>(xp + m * K, K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
     for (; m < M; ++m)
       for (int64_t b = b0; b < b1; ++b)
         int8_rows(xp + m * K, qp, sp, yp + m * N, K, b * kInt8Block, std::min(N, (b + 1) * kInt8Block));
@@ -69,9 +71,11 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
     const int64_t n0 = b0 * kInt4Block, n1 = std::min(N, b1 * kInt4Block), bytes = K / 2;
     int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
     for (; m + 4 <= M; m += 4)
-      for (int64_t n = n0; n < n1; ++n) int4_rows_m<4>(xp + m * K, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+      for (int64_t n = n0; n < n1; ++n)
+        int4_rows_m<4>(xp + m * K, K, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
     for (; m + 2 <= M; m += 2)
-      for (int64_t n = n0; n < n1; ++n) int4_rows_m<2>(xp + m * K, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+      for (int64_t n = n0; n < n1; ++n)
+        int4_rows_m<2>(xp + m * K, K, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
     for (; m < M; ++m)
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * kInt4Block, r1 = std::min(N, r0 + kInt4Block);
@@ -92,8 +96,7 @@ at::Tensor int8_dequant(const at::Tensor& q, const at::Tensor& scales) {
   const float* sp = scales.contiguous().data_ptr<float>();
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, kWorkPerTask / K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; ++k) wp[n * K + k] = static_cast<float>(qp[n * K + k]) * sp[n];
+    int8_dequant_rows(qp, sp, wp + n0 * K, K, n0, n1);
   });
   return w;
 }
@@ -108,14 +111,7 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, cons
   const float *sp = scales.contiguous().data_ptr<float>(), *zp = szeros.contiguous().data_ptr<float>();
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, kWorkPerTask / K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t b = 0; b < K; b += 32)
-        for (int64_t j = 0; j < 16; ++j) {
-          const uint8_t byte = pp[n * (K / 2) + b / 2 + j];
-          const int64_t g = b / gs;
-          wp[n * K + b + j] = static_cast<float>(byte & 15) * sp[n * G + g] - zp[n * G + g];
-          wp[n * K + b + 16 + j] = static_cast<float>(byte >> 4) * sp[n * G + g] - zp[n * G + g];
-        }
+    int4_dequant_rows(pp, sp, zp, wp + n0 * K, K, G, n0, n1);
   });
   return w;
 }

@@ -1,9 +1,11 @@
-// The one-token decode step of a GPT at batch 1 on a CPU, whole, in C++ (llama.cpp's shape): every block's
-// norms, products, QK-norm, RoPE, KV-cache write and attention, then the final norm and the head, in one
-// OpenMP parallel region. The threads split each product's output rows and the attention's key/value heads,
-// and meet at a barrier between phases; each thread norms its own copy of a product's input (a few hundred
-// numbers: cheaper than waiting for one thread to do it). Nothing is allocated but the logits and each
-// thread's scratch, and no operator is dispatched, so a step costs its weight reads and 5 barriers a block.
+// The one-token decode step of a GPT on a CPU, whole, in C++ (llama.cpp's shape), for one row or a few (each at
+// its own position, in its own KV-cache row): every block's norms, products, QK-norm, RoPE, KV-cache write and
+// attention, then the final norm and the head, in one OpenMP parallel region. The threads split each product's
+// output rows (every input row passes over a thread's weights while they are in cache) and the attention's
+// (row, key/value head) pairs, and meet at a barrier between phases; each thread norms its own copy of a
+// product's input (a few hundred numbers a row: cheaper than waiting for one thread to do it). Nothing is
+// allocated but the logits and each thread's scratch, and no operator is dispatched, so a step costs its weight
+// reads, its products and 5 barriers a block.
 //
 // leangpt/native_decode.py builds a Decoder from a model (float, int8 and int4 linear layers; the GPT-2,
 // llama, Qwen3 and nanochat options of leangpt/model.py); the model's own prefill fills the KV cache that the
@@ -35,57 +37,149 @@ std::pair<int64_t, int64_t> share(int64_t n, int64_t align = 1) {
   return {std::min(n, units * t / T * align), std::min(n, units * (t + 1) / T * align)};
 }
 
+// Σ x[i] - c and Σ (x[i] - c)² over n numbers.
+std::pair<float, float> centred_sums(const float* x, int64_t n, float c) {
+  int64_t i = 0;
+  float s = 0.f, sq = 0.f;
+#ifdef LEANGPT_AVX2
+  __m256 vs = _mm256_setzero_ps(), vsq = _mm256_setzero_ps();
+  const __m256 vc = _mm256_set1_ps(c);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vc);
+    vs = _mm256_add_ps(vs, d);
+    vsq = _mm256_fmadd_ps(d, d, vsq);
+  }
+  s = hsum(vs), sq = hsum(vsq);
+#endif
+  for (; i < n; ++i) s += x[i] - c, sq += (x[i] - c) * (x[i] - c);
+  return {s, sq};
+}
+
 struct Norm {
   bool rms = true;
   float eps = 1e-5f;
   at::Tensor weight, bias;  // either may be empty (parameter-free norms, LayerNorm without bias)
 
   void apply(const float* x, float* y, int64_t n) const {  // y may be x
-    float mean = 0.f, sq = 0.f;
-    for (int64_t i = 0; i < n; ++i) mean += x[i];
-    mean = rms ? 0.f : mean / n;
-    for (int64_t i = 0; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
-    const float inv = 1.f / std::sqrt(sq / n + eps);
+    const float mean = rms ? 0.f : centred_sums(x, n, 0.f).first / n;
+    const float inv = 1.f / std::sqrt(centred_sums(x, n, mean).second / n + eps);
     const float *w = floats(weight), *b = floats(bias);
-    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * inv * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+    if (w && b) {
+      for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * inv * w[i] + b[i];
+    } else if (w) {
+      for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * inv * w[i];
+    } else if (!b) {
+      for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * inv;
+    } else {
+      for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * inv + b[i];
+    }
   }
 };
 
 enum Kind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2 };
 
+constexpr int64_t kRowAlign = 8;  // a multiple of every row block
+// Outputs per tile of a several-row product: a tile's weights (16-64 KB for these models' widths) stay in the L2
+// cache while every input row passes over them (measured against 8 and whole shares at 4-32 rows).
+constexpr int64_t kTile = 64;
+// From this many input rows an int4 product dequantizes its weights, a few rows at a time (dequantized_rows):
+// at 8-32 rows it took about 0.7 times as long as converting each weight vector once per four rows. (int8's
+// conversion is cheaper: there it was slower.)
+constexpr int64_t kDequantRows = 8;
+
 struct Linear {
   int64_t kind = kFloat, N = 0, K = 0, G = 1;  // K: stored inputs (int4: padded to whole groups, zero inputs)
   at::Tensor a, b, c, bias;                     // float: weight; int8: q, scales; int4: packed, scales, szeros
 
-  // y[n0:n1] = W[n0:n1] x + bias; n0 a multiple of the row block. sums: scratch of G floats (int4).
-  void rows(const float* x, float* y, int64_t n0, int64_t n1, float* sums) const {
-    if (kind == kFloat) {
-      for (int64_t n = n0; n < n1; n += kFloatBlock)
-        float_rows(x, a.data_ptr<float>(), y, K, n, std::min(n1, n + kFloatBlock));
-    } else if (kind == kInt8) {
-      for (int64_t n = n0; n < n1; n += kInt8Block)
-        int8_rows(x, a.data_ptr<int8_t>(), b.data_ptr<float>(), y, K, n, std::min(n1, n + kInt8Block));
-    } else {
-      const int64_t gs = K / G;
-      for (int64_t g = 0; g < G; ++g) {  // Σ x per group, for the zero points
-        float s = 0.f;
-        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x[k];
-        sums[g] = s;
+  // y[m * ldy + n] = W[n] x[m] + bias[n] for the M input rows m (ldx apart) and the outputs n0:n1, n0 a multiple
+  // of kRowAlign. Each tile of outputs is done for every input row before the next tile: four rows at a time
+  // (each weight vector converted once for them), then two, then one. sums: scratch of M * G floats (int4).
+  void rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, float* sums,
+            float* tile) const {
+    if (kind == kInt4 && M >= kDequantRows) return dequantized_rows(x, ldx, y, ldy, M, n0, n1, tile);
+    if (kind == kInt4) group_sums(x, ldx, M, sums);
+    for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+      const int64_t t1 = std::min(n1, t0 + kTile);
+      int64_t m = 0;
+      if (M > 1) {
+        for (; m + 4 <= M; m += 4) rows_m<4>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
+        for (; m + 2 <= M; m += 2) rows_m<2>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
       }
-      const uint8_t* p = a.data_ptr<uint8_t>();
-      const float *sc = b.data_ptr<float>(), *sz = c.data_ptr<float>();
-      for (int64_t n = n0; n < n1; n += kInt4Block) {
-        const int64_t end = std::min(n1, n + kInt4Block);
-        int4_rows(x, p + n * (K / 2), sc + n * G, y + n, K, G, n, end);
-        for (int64_t r = n; r < end; ++r) y[r] -= dot(sz + r * G, sums, G);
-      }
+      for (; m < M; ++m)
+        for (int64_t n = t0; n < t1; n += kRowAlign) one_row(x + m * ldx, y + m * ldy, n, std::min(t1, n + kRowAlign));
     }
-    if (const float* bp = floats(bias))
-      for (int64_t n = n0; n < n1; ++n) y[n] += bp[n];
+    finish(y, ldy, M, n0, n1, sums);
+  }
+
+ private:
+  // rows() for many input rows of an int4 layer: each block of kRowAlign outputs is dequantized into
+  // `tile` (kRowAlign * K floats, in the L1 cache) once, then multiplied with every input row as float weights.
+  void dequantized_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
+                        float* tile) const {
+    for (int64_t n = n0; n < n1; n += kRowAlign) {
+      const int64_t end = std::min(n1, n + kRowAlign);
+      if (kind == kInt8)
+        int8_dequant_rows(a.data_ptr<int8_t>(), b.data_ptr<float>(), tile, K, n, end);
+      else
+        int4_dequant_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), c.data_ptr<float>(), tile, K, G, n, end);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        for (int64_t r = 0; r < end - n; r += 2)
+          float_rows_m<4>(x + m * ldx, ldx, tile, y + m * ldy + n, K, ldy, r, std::min(end - n, r + 2));
+      for (; m < M; ++m) float_rows(x + m * ldx, tile, y + m * ldy + n, K, 0, end - n);
+    }
+    finish(y, ldy, M, n0, n1, nullptr);
+  }
+
+  void finish(float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, const float* sums) const {  // zeros, bias
+    const float *sz = sums ? c.data_ptr<float>() : nullptr, *bp = floats(bias);
+    for (int64_t m = 0; m < M; ++m) {
+      float* ym = y + m * ldy;
+      if (sums && kind == kInt4)
+        for (int64_t r = n0; r < n1; ++r) ym[r] -= dot(sz + r * G, sums + m * G, G);
+      if (bp)
+        for (int64_t r = n0; r < n1; ++r) ym[r] += bp[r];
+    }
+  }
+
+  void group_sums(const float* x, int64_t ldx, int64_t M, float* sums) const {  // Σ x per group: the zero points
+    const int64_t gs = K / G;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x[m * ldx + k];
+        sums[m * G + g] = s;
+      }
+  }
+
+  void one_row(const float* x, float* y, int64_t n0, int64_t n1) const {  // n1 - n0 <= kRowAlign
+    if (kind == kFloat) {
+      float_rows(x, a.data_ptr<float>(), y, K, n0, n1);
+    } else if (kind == kInt8) {
+      int8_rows(x, a.data_ptr<int8_t>(), b.data_ptr<float>(), y, K, n0, n1);
+    } else {
+      const uint8_t* p = a.data_ptr<uint8_t>();
+      for (int64_t n = n0; n < n1; n += kInt4Block)
+        int4_rows(x, p + n * (K / 2), b.data_ptr<float>() + n * G, y + n, K, G, n, std::min(n1, n + kInt4Block));
+    }
+  }
+
+  template <int Mr>
+  void rows_m(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) const {
+    if (kind == kFloat) {
+      const float* w = a.data_ptr<float>();
+      for (int64_t n = n0; n < n1; n += 2) float_rows_m<Mr>(x, ldx, w, y, K, ldy, n, std::min(n1, n + 2));
+    } else if (kind == kInt8) {
+      const int8_t* q = a.data_ptr<int8_t>();
+      const float* sc = b.data_ptr<float>();
+      for (int64_t n = n0; n < n1; n += 2) int8_rows_m<Mr>(x, ldx, q, sc, y, K, ldy, n, std::min(n1, n + 2));
+    } else {
+      const uint8_t* p = a.data_ptr<uint8_t>();
+      const float* sc = b.data_ptr<float>();
+      for (int64_t n = n0; n < n1; ++n) int4_rows_m<Mr>(x, ldx, p + n * (K / 2), sc + n * G, y + n, K, G, ldy);
+    }
   }
 };
-
-constexpr int64_t kRowAlign = 8;  // a multiple of every row block
 
 struct Block {
   int64_t n_head = 0, n_kv_head = 0;
@@ -95,13 +189,6 @@ struct Block {
 };
 
 enum Mlp : int64_t { kGelu = 0, kSwiglu = 1, kRelu2 = 2 };
-
-float activation(int64_t mlp, float g, float f) {  // the MLP's hidden unit from its gate (SwiGLU) and fc outputs
-  if (mlp == kSwiglu) return g / (1.f + std::exp(-g)) * f;
-  if (mlp == kRelu2) return f > 0.f ? f * f : 0.f;
-  const float c = 0.7978845608028654f;  // sqrt(2 / pi): GPT-2's tanh approximation
-  return 0.5f * f * (1.f + std::tanh(c * (f + 0.044715f * f * f * f)));
-}
 
 #ifdef LEANGPT_AVX2
 // e^x of eight lanes (Cephes' expf: 2^n times a polynomial of the remainder; about 1 ulp), for x <= 0.
@@ -120,6 +207,41 @@ __m256 exp8(__m256 x) {
 }
 #endif
 
+float activation(int64_t mlp, float g, float f) {  // the MLP's hidden unit from its gate (SwiGLU) and fc outputs
+  if (mlp == kSwiglu) return g / (1.f + std::exp(-g)) * f;
+  if (mlp == kRelu2) return f > 0.f ? f * f : 0.f;
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi): GPT-2's tanh approximation
+  return 0.5f * f * (1.f + std::tanh(c * (f + 0.044715f * f * f * f)));
+}
+
+// h[0:n] = activation(g, f), eight lanes at a time: e^-|u| keeps exp8 in its range.
+void activations(int64_t mlp, const float* g, const float* f, float* h, int64_t n) {
+  int64_t i = 0;
+#ifdef LEANGPT_AVX2
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= n && mlp != kRelu2; i += 8) {
+    const __m256 fv = _mm256_loadu_ps(f + i);
+    __m256 out;
+    if (mlp == kSwiglu) {  // silu(g) f: sigmoid(g) = 1 / (1 + e^-g), or e^g / (1 + e^g) for g < 0
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 e = exp8(_mm256_or_ps(gv, sign));  // e^-|g|
+      const __m256 sig = _mm256_blendv_ps(one, e, gv);  // numerator: 1, or e^g where g's sign bit is set
+      out = _mm256_mul_ps(_mm256_mul_ps(gv, _mm256_div_ps(sig, _mm256_add_ps(one, e))), fv);
+    } else {  // GELU: 0.5 f (1 + tanh u), tanh u = sign(u) (1 - e^-2|u|) / (1 + e^-2|u|)
+      const __m256 f3 = _mm256_mul_ps(_mm256_mul_ps(fv, fv), fv);
+      const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                     _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), f3, fv));
+      const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, u)));
+      const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+      const __m256 th = _mm256_or_ps(t, _mm256_and_ps(sign, u));
+      out = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), fv), _mm256_add_ps(one, th));
+    }
+    _mm256_storeu_ps(h + i, out);
+  }
+#endif
+  for (; i < n; ++i) h[i] = activation(mlp, g[i], f[i]);
+}
+
 // scores[0:n] = e^(scores - top); returns their sum.
 float exp_sum(float* scores, int64_t n, float top) {
   int64_t t = 0;
@@ -137,22 +259,50 @@ float exp_sum(float* scores, int64_t n, float top) {
   return total;
 }
 
-// y[0:D] = Σ_t p[t] values[t, 0:D] / total, 64 outputs at a time in registers.
+// scores[t] = q · keys[t] * scale for the n keys (D apart); returns the largest. Four keys at a time, whose
+// independent sums hide the multiply-adds' latency.
+float key_scores(const float* q, const float* keys, float* scores, int64_t n, int64_t D, float scale) {
+  int64_t t = 0;
+#ifdef LEANGPT_AVX2
+  if (D % 8 == 0)
+    for (; t + 4 <= n; t += 4) {
+      __m256 acc[4];
+      for (int i = 0; i < 4; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < 4; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (t + i) * D + d), acc[i]);
+      }
+      _mm_storeu_ps(scores + t, _mm_mul_ps(hsum4(acc), _mm_set1_ps(scale)));
+    }
+#endif
+  for (; t < n; ++t) scores[t] = dot(q, keys + t * D, D) * scale;
+  return *std::max_element(scores, scores + n);
+}
+
+#ifdef LEANGPT_AVX2
+// y[0 : 8 Lanes] = Σ_t p[t] values[t, 0 : 8 Lanes] * inv, in registers.
+template <int Lanes>
+void weighted_chunk(const float* p, const float* values, float* y, int64_t n, int64_t D, float inv) {
+  __m256 acc[Lanes];
+  for (int j = 0; j < Lanes; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 pt = _mm256_set1_ps(p[t]);
+    for (int j = 0; j < Lanes; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(values + t * D + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < Lanes; ++j) _mm256_storeu_ps(y + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+}
+#endif
+
+// y[0:D] = Σ_t p[t] values[t, 0:D] / total, 64 outputs at a time.
 void weighted_values(const float* p, const float* values, float* y, int64_t n, int64_t D, float total) {
   const float inv = 1.f / total;
 #ifdef LEANGPT_AVX2
   if (D % 8 == 0) {
-    for (int64_t i0 = 0; i0 < D; i0 += 64) {
-      const int64_t lanes = std::min<int64_t>(64, D - i0) / 8;
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) {
-        const __m256 pt = _mm256_set1_ps(p[t]);
-        const float* vt = values + t * D + i0;
-        for (int j = 0; j < lanes; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * j), acc[j]);
-      }
-      for (int j = 0; j < lanes; ++j) _mm256_storeu_ps(y + i0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
-    }
+    using Chunk = void (*)(const float*, const float*, float*, int64_t, int64_t, float);
+    static constexpr Chunk chunks[] = {weighted_chunk<1>, weighted_chunk<2>, weighted_chunk<3>, weighted_chunk<4>,
+                                       weighted_chunk<5>, weighted_chunk<6>, weighted_chunk<7>, weighted_chunk<8>};
+    for (int64_t i0 = 0; i0 < D; i0 += 64)
+      chunks[std::min<int64_t>(64, D - i0) / 8 - 1](p, values + i0, y + i0, n, D, inv);
     return;
   }
 #endif
@@ -181,9 +331,11 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<Block> blocks;
   Norm norm_f;
   Linear head;
-  std::vector<at::Tensor> k_cache, v_cache;  // per block (rows, n_kv_head, max_len, head_dim): row 0 is decoded
-  // Activations, each as long as its widest reader reads (zeros past what is written: padded int4 inputs). The
-  // normed input of a product is each thread's own copy (`normed` floats), so no thread waits for a norm.
+  std::vector<at::Tensor> k_cache, v_cache;  // per block (rows, n_kv_head, max_len, head_dim): step row b is row b
+  // Activations of `rows` step rows, each row as long as its widest reader reads (zeros past what is written:
+  // padded int4 inputs). The normed input of a product is each thread's own copy (`normed` floats a row), so no
+  // thread waits for a norm.
+  int64_t rows = 0, q_width = 0, att_width = 0, mlp_width = 0;
   std::vector<float> x, qkv, att, hidden, gate_out, fc_out, out;
   int64_t normed = 0, groups = 1;  // groups: the most int4 groups of a layer (each thread's Σ x per group)
 
@@ -252,33 +404,39 @@ struct Decoder : torch::CustomClassHolder {
     norm_emb = make_norm(rms, eps, w, b);
   }
 
-  void embed(int64_t token, int64_t pos) {
-    TORCH_CHECK(present(tokens), "no float embedding table: pass the embedded token");
+  void embed(int64_t row, int64_t token, int64_t pos) {
+    TORCH_CHECK(present(tokens), "no float embedding table: pass the embedded tokens");
     TORCH_CHECK(token >= 0 && token < tokens.size(0), "token id ", token, " is outside the vocabulary");
-    const float* row = tokens.data_ptr<float>() + token * n_embd;
-    std::copy(row, row + n_embd, x.begin());
+    const float* emb = tokens.data_ptr<float>() + token * n_embd;
+    float* xr = x.data() + row * n_embd;
+    std::copy(emb, emb + n_embd, xr);
     if (present(positions)) {
       TORCH_CHECK(pos < positions.size(0), "position ", pos, " is outside the position table");
       const float* p = positions.data_ptr<float>() + pos * n_embd;
-      for (int64_t i = 0; i < n_embd; ++i) x[i] += p[i];
+      for (int64_t i = 0; i < n_embd; ++i) xr[i] += p[i];
     }
-    if (embed_norm) norm_emb.apply(x.data(), x.data(), n_embd);
+    if (embed_norm) norm_emb.apply(xr, xr, n_embd);
   }
 
   void size_buffers() {
-    int64_t widest = n_embd, q = 0, a = 0, m = 0;
+    normed = std::max(n_embd, head.K), groups = head.G;
     for (const Block& b : blocks) {
-      widest = std::max({widest, b.qkv.K, b.fc.K, b.gate.K});
-      q = std::max(q, b.qkv.N);
-      a = std::max(a, b.proj.K);
-      m = std::max(m, b.down.K);
+      normed = std::max({normed, b.qkv.K, b.fc.K, b.gate.K});
+      q_width = std::max(q_width, b.qkv.N);
+      att_width = std::max(att_width, b.proj.K);
+      mlp_width = std::max(mlp_width, b.down.K);
+      groups = std::max({groups, b.qkv.G, b.proj.G, b.gate.G, b.fc.G, b.down.G});
     }
-    widest = std::max(widest, head.K);
-    normed = widest;
-    groups = head.G;
-    for (const Block& b : blocks) groups = std::max({groups, b.qkv.G, b.proj.G, b.gate.G, b.fc.G, b.down.G});
-    x.assign(n_embd, 0.f), qkv.assign(q, 0.f), att.assign(a, 0.f), hidden.assign(m, 0.f);
-    gate_out.assign(m, 0.f), fc_out.assign(m, 0.f), out.assign(n_embd, 0.f);
+    rows = 0;
+    reserve_rows(1);
+  }
+
+  void reserve_rows(int64_t n) {
+    if (n <= rows) return;
+    rows = n;
+    x.assign(n * n_embd, 0.f), qkv.assign(n * q_width, 0.f), att.assign(n * att_width, 0.f);
+    hidden.assign(n * mlp_width, 0.f), gate_out.assign(n * mlp_width, 0.f), fc_out.assign(n * mlp_width, 0.f);
+    out.assign(n * n_embd, 0.f);
   }
 
   void set_cache(std::vector<at::Tensor> k, std::vector<at::Tensor> v) {
@@ -291,92 +449,119 @@ struct Decoder : torch::CustomClassHolder {
     k_cache = std::move(k), v_cache = std::move(v);
   }
 
-  // One layer's attention for the key/value heads of this thread: QK-norm and RoPE of its keys and queries,
-  // the new key and value written at slot pos, then softmax(q k / sqrt(d)) v over slots 0..pos into att.
-  void attend(size_t layer, int64_t pos, std::vector<float>& scores) {
+  // One layer's attention for this thread's (row, key/value head) pairs: QK-norm and RoPE of its keys and queries,
+  // the new key and value written at the row's slot pos[row], then softmax(q k / sqrt(d)) v over slots 0..pos[row]
+  // into att.
+  void attend(size_t layer, const int64_t* pos, int64_t M, std::vector<float>& scores) {
     const Block& b = blocks[layer];
     const int64_t D = head_dim, group = b.n_head / b.n_kv_head, L = k_cache[layer].size(2);
     const int64_t q_size = b.n_head * D, kv_size = b.n_kv_head * D;
-    const float *cs = floats(rope_cos), *sn = floats(rope_sin);
-    if (cs) cs += pos * D, sn += pos * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    auto [j0, j1] = share(b.n_kv_head);
-    for (int64_t j = j0; j < j1; ++j) {
-      float *k = qkv.data() + q_size + j * D, *v = k + kv_size;
+    auto [i0, i1] = share(M * b.n_kv_head);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / b.n_kv_head, j = i % b.n_kv_head, p = pos[r];
+      const float *cs = floats(rope_cos), *sn = floats(rope_sin);
+      if (cs) cs += p * D, sn += p * D;
+      float *row = qkv.data() + r * q_width, *k = row + q_size + j * D, *v = k + kv_size;
       if (b.qk_norm) b.k_norm.apply(k, k, D);
       if (cs) rope(k, cs, sn, D);
-      float* keys = k_cache[layer].data_ptr<float>() + j * L * D;
-      float* values = v_cache[layer].data_ptr<float>() + j * L * D;
-      std::copy(k, k + D, keys + pos * D);
-      std::copy(v, v + D, values + pos * D);
+      float* keys = k_cache[layer].data_ptr<float>() + (r * b.n_kv_head + j) * L * D;
+      float* values = v_cache[layer].data_ptr<float>() + (r * b.n_kv_head + j) * L * D;
+      std::copy(k, k + D, keys + p * D);
+      std::copy(v, v + D, values + p * D);
       for (int64_t hd = j * group; hd < (j + 1) * group; ++hd) {
-        float* q = qkv.data() + hd * D;
+        float* q = row + hd * D;
         if (b.qk_norm) b.q_norm.apply(q, q, D);
         if (cs) rope(q, cs, sn, D);
-        float top = -INFINITY;
-        for (int64_t t = 0; t <= pos; ++t) top = std::max(top, scores[t] = dot(q, keys + t * D, D) * scale);
-        const float total = exp_sum(scores.data(), pos + 1, top);
-        weighted_values(scores.data(), values, att.data() + hd * D, pos + 1, D, total);
+        const float top = key_scores(q, keys, scores.data(), p + 1, D, scale);
+        const float total = exp_sum(scores.data(), p + 1, top);
+        weighted_values(scores.data(), values, att.data() + r * att_width + hd * D, p + 1, D, total);
       }
     }
-    if (omp_get_thread_num() == 0) std::fill(att.begin() + q_size, att.end(), 0.f);  // a pruned layer's tail
+    if (omp_get_thread_num() == 0)  // a pruned layer's tail
+      for (int64_t r = 0; r < M; ++r)
+        std::fill(att.begin() + r * att_width + q_size, att.begin() + (r + 1) * att_width, 0.f);
   }
 
-  // x += W y for this thread's rows of the residual stream.
-  void add_product(const Linear& l, const float* y, float* sums) {
+  void norm_rows(const Norm& norm, float* h, int64_t M) const {  // h (M, normed) = norm(x)
+    for (int64_t r = 0; r < M; ++r) norm.apply(x.data() + r * n_embd, h + r * normed, n_embd);
+  }
+
+  // x += W y for this thread's columns of the residual stream, y: M rows ldy apart.
+  void add_product(const Linear& l, const float* y, int64_t ldy, int64_t M, float* sums, float* tile) {
     auto [n0, n1] = share(l.N, kRowAlign);
-    l.rows(y, out.data(), n0, n1, sums);
-    for (int64_t n = n0; n < n1; ++n) x[n] += out[n];
+    l.rows(y, ldy, out.data(), n_embd, M, n0, n1, sums, tile);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t n = n0; n < n1; ++n) x[r * n_embd + n] += out[r * n_embd + n];
   }
 
-  void mlp_hidden(const Block& b, const float* h, float* sums) {
+  void mlp_hidden(const Block& b, const float* h, int64_t M, float* sums, float* tile) {
     auto [n0, n1] = share(b.fc.N, kRowAlign);
-    b.fc.rows(h, fc_out.data(), n0, n1, sums);
-    if (mlp == kSwiglu) b.gate.rows(h, gate_out.data(), n0, n1, sums);
-    for (int64_t n = n0; n < n1; ++n) hidden[n] = activation(mlp, gate_out[n], fc_out[n]);
-    if (omp_get_thread_num() == 0) std::fill(hidden.begin() + b.fc.N, hidden.end(), 0.f);
+    b.fc.rows(h, normed, fc_out.data(), mlp_width, M, n0, n1, sums, tile);
+    if (mlp == kSwiglu) b.gate.rows(h, normed, gate_out.data(), mlp_width, M, n0, n1, sums, tile);
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t at = r * mlp_width + n0;
+      activations(mlp, gate_out.data() + at, fc_out.data() + at, hidden.data() + at, n1 - n0);
+    }
+    if (omp_get_thread_num() == 0)
+      for (int64_t r = 0; r < M; ++r)
+        std::fill(hidden.begin() + r * mlp_width + b.fc.N, hidden.begin() + (r + 1) * mlp_width, 0.f);
   }
 
-  // Logits (1, vocab) of token at position pos; embedded: the first block's input (n_embd floats) when the
-  // embedding is not a float table (set_embedding), else empty.
-  at::Tensor step(int64_t token, int64_t pos, at::Tensor embedded) {
+  // Logits (M, vocab) of one new token per row: tokens (M,) at positions (M,), row r in the KV cache's row r.
+  // embedded: the first block's inputs (M, n_embd) when the embedding is not a float table (set_embedding), else
+  // empty.
+  at::Tensor step(at::Tensor tokens_in, at::Tensor positions_in, at::Tensor embedded) {
+    const auto tok = tokens_in.to(at::kLong).contiguous(), pos_t = positions_in.to(at::kLong).contiguous();
+    const int64_t M = tok.numel();
+    TORCH_CHECK(M >= 1 && pos_t.numel() == M, "step: one position per token");
     TORCH_CHECK(k_cache.size() == blocks.size(), "set_cache before step");
-    TORCH_CHECK(pos >= 0 && pos < k_cache[0].size(2), "position ", pos, " is outside the KV cache");
-    if (present(embedded)) {
-      TORCH_CHECK(embedded.scalar_type() == at::kFloat && embedded.numel() == n_embd, "embedded: n_embd floats");
-      const auto xc = embedded.contiguous();
-      std::copy(xc.data_ptr<float>(), xc.data_ptr<float>() + n_embd, x.begin());
-    } else {
-      embed(token, pos);
+    TORCH_CHECK(M <= k_cache[0].size(0), "step: ", M, " rows, the KV cache has ", k_cache[0].size(0));
+    const int64_t* pos = pos_t.data_ptr<int64_t>();
+    int64_t last = 0;
+    for (int64_t r = 0; r < M; ++r) {
+      TORCH_CHECK(pos[r] >= 0 && pos[r] < k_cache[0].size(2), "position ", pos[r], " is outside the KV cache");
+      last = std::max(last, pos[r]);
     }
-    auto logits = at::empty({1, head.N}, at::TensorOptions().dtype(at::kFloat));
+    reserve_rows(M);
+    if (present(embedded)) {
+      TORCH_CHECK(embedded.scalar_type() == at::kFloat && embedded.numel() == M * n_embd,
+                  "embedded: (M, n_embd) floats");
+      const auto xc = embedded.contiguous();
+      std::copy(xc.data_ptr<float>(), xc.data_ptr<float>() + M * n_embd, x.begin());
+    } else {
+      for (int64_t r = 0; r < M; ++r) embed(r, tok.data_ptr<int64_t>()[r], pos[r]);
+    }
+    auto logits = at::empty({M, head.N}, at::TensorOptions().dtype(at::kFloat));
     float* y = logits.data_ptr<float>();
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      std::vector<float> sums(groups), scores(pos + 1), h(normed, 0.f);
+      std::vector<float> sums(M * groups), scores(last + 1), h(M * normed, 0.f);
+      std::vector<float> tile(M >= kDequantRows ? kRowAlign * std::max({normed, att_width, mlp_width}) : 0);
       for (size_t i = 0; i < blocks.size(); ++i) {
         const Block& b = blocks[i];
-        b.norm1.apply(x.data(), h.data(), n_embd);
+        norm_rows(b.norm1, h.data(), M);
         {
           auto [n0, n1] = share(b.qkv.N, kRowAlign);
-          b.qkv.rows(h.data(), qkv.data(), n0, n1, sums.data());
+          b.qkv.rows(h.data(), normed, qkv.data(), q_width, M, n0, n1, sums.data(), tile.data());
         }
 #pragma omp barrier
-        attend(i, pos, scores);
+        attend(i, pos, M, scores);
 #pragma omp barrier
-        add_product(b.proj, att.data(), sums.data());
+        add_product(b.proj, att.data(), att_width, M, sums.data(), tile.data());
 #pragma omp barrier
-        b.norm2.apply(x.data(), h.data(), n_embd);
-        mlp_hidden(b, h.data(), sums.data());
+        norm_rows(b.norm2, h.data(), M);
+        mlp_hidden(b, h.data(), M, sums.data(), tile.data());
 #pragma omp barrier
-        add_product(b.down, hidden.data(), sums.data());
+        add_product(b.down, hidden.data(), mlp_width, M, sums.data(), tile.data());
 #pragma omp barrier
       }
-      norm_f.apply(x.data(), h.data(), n_embd);
+      norm_rows(norm_f, h.data(), M);
       auto [n0, n1] = share(head.N, kRowAlign);
-      head.rows(h.data(), y, n0, n1, sums.data());
+      head.rows(h.data(), normed, y, head.N, M, n0, n1, sums.data(), tile.data());
       if (softcap > 0)
-        for (int64_t n = n0; n < n1; ++n) y[n] = softcap * std::tanh(y[n] / softcap);
+        for (int64_t r = 0; r < M; ++r)
+          for (int64_t n = r * head.N + n0; n < r * head.N + n1; ++n) y[n] = softcap * std::tanh(y[n] / softcap);
     }
     return logits;
   }

@@ -92,6 +92,38 @@ inline void float_rows(const float* x, const float* w, float* y, int64_t K, int6
 }
 
 
+// y[m * ldy + n] for Mr input rows m (x: Mr rows of K, ldx apart) and the output rows n0:n1, n1 - n0 <= 2, for
+// float weights: each weight vector is loaded once for all Mr rows.
+template <int Mr>
+inline void float_rows_m(const float* x, int64_t ldx, const float* w, float* y, int64_t K, int64_t ldy, int64_t n0,
+                         int64_t n1) {
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == 2 && K % 8 == 0) {
+    const float *w0 = w + n0 * K, *w1 = w0 + K;
+    __m256 a0[Mr], a1[Mr];
+    for (int m = 0; m < Mr; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      if (k % 16 == 0) {  // the next two rows, fetched while these compute (the first input rows stream them)
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * K + k), _MM_HINT_T0);
+      }
+      const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+      for (int m = 0; m < Mr; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+        a0[m] = _mm256_fmadd_ps(xv, v0, a0[m]);
+        a1[m] = _mm256_fmadd_ps(xv, v1, a1[m]);
+      }
+    }
+    for (int m = 0; m < Mr; ++m) {
+      y[m * ldy + n0] = hsum(a0[m]);
+      y[m * ldy + n0 + 1] = hsum(a1[m]);
+    }
+    return;
+  }
+#endif
+  for (int m = 0; m < Mr; ++m) float_rows(x + m * ldx, w, y + m * ldy, K, n0, n1);
+}
+
 // y[n0:n1] of one input row for int8, n1 - n0 <= kInt8Block
 inline void int8_rows(const float* x, const int8_t* q, const float* scales, float* y, int64_t K, int64_t n0,
                       int64_t n1) {
@@ -116,20 +148,24 @@ inline void int8_rows(const float* x, const int8_t* q, const float* scales, floa
   }
 }
 
-// y[m * ldy + n] for Mr input rows m (x: Mr rows of K) and the output rows n0:n1, n1 - n0 <= 2, for int8: each
-// weight vector is converted once for all Mr rows (the one-row kernel above converts it once per row).
+// y[m * ldy + n] for Mr input rows m (x: Mr rows of K, ldx apart) and the output rows n0:n1, n1 - n0 <= 2, for
+// int8: each weight vector is converted once for all Mr rows (the one-row kernel above converts it once per row).
 template <int Mr>
-inline void int8_rows_m(const float* x, const int8_t* q, const float* scales, float* y, int64_t K, int64_t ldy,
-                        int64_t n0, int64_t n1) {
+inline void int8_rows_m(const float* x, int64_t ldx, const int8_t* q, const float* scales, float* y, int64_t K,
+                        int64_t ldy, int64_t n0, int64_t n1) {
 #ifdef LEANGPT_AVX2
   if (n1 - n0 == 2 && K % 8 == 0) {
     const int8_t *w0 = q + n0 * K, *w1 = w0 + K;
     __m256 a0[Mr], a1[Mr];
     for (int m = 0; m < Mr; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
+      if (k % 64 == 0) {  // the next two rows, as in float_rows_m
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * K + k), _MM_HINT_T0);
+      }
       const __m256 v0 = int8x8(w0 + k), v1 = int8x8(w1 + k);
       for (int m = 0; m < Mr; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
         a0[m] = _mm256_fmadd_ps(xv, v0, a0[m]);
         a1[m] = _mm256_fmadd_ps(xv, v1, a1[m]);
       }
@@ -141,7 +177,7 @@ inline void int8_rows_m(const float* x, const int8_t* q, const float* scales, fl
     return;
   }
 #endif
-  for (int m = 0; m < Mr; ++m) int8_rows(x + m * K, q, scales, y + m * ldy, K, n0, n1);
+  for (int m = 0; m < Mr; ++m) int8_rows(x + m * ldx, q, scales, y + m * ldy, K, n0, n1);
 }
 
 // Σ_k x[k] q[n, k] scales[n, g] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one input row, into
@@ -188,12 +224,12 @@ inline void int4_rows(const float* x, const uint8_t* p, const float* scales, flo
   }
 }
 
-// out[m * ldo] = Σ_k x[m, k] q[k] scales[g] for Mr input rows m (x: Mr rows of K) and one output row (p, scales:
-// its packed bytes and G scales), for int4: each weight vector is unpacked once for all Mr rows. The zero points
-// are applied by the caller.
+// out[m * ldo] = Σ_k x[m, k] q[k] scales[g] for Mr input rows m (x: Mr rows of K, ldx apart) and one output row
+// (p, scales: its packed bytes and G scales), for int4: each weight vector is unpacked once for all Mr rows. The
+// zero points are applied by the caller.
 template <int Mr>
-inline void int4_rows_m(const float* x, const uint8_t* p, const float* scales, float* out, int64_t K, int64_t G,
-                        int64_t ldo) {
+inline void int4_rows_m(const float* x, int64_t ldx, const uint8_t* p, const float* scales, float* out, int64_t K,
+                        int64_t G, int64_t ldo) {
 #ifdef LEANGPT_AVX2
   const int64_t gs = K / G;
   __m256 sum[Mr], acc[Mr], w[4];
@@ -201,9 +237,10 @@ inline void int4_rows_m(const float* x, const uint8_t* p, const float* scales, f
   for (int64_t g = 0; g < G; ++g) {
     for (int m = 0; m < Mr; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = g * gs; b < (g + 1) * gs; b += 32) {
+      if (b % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(p + K / 2 + b / 2), _MM_HINT_T0);  // the next row
       int4x32(p + b / 2, w);
       for (int m = 0; m < Mr; ++m) {
-        const float* xm = x + m * K + b;
+        const float* xm = x + m * ldx + b;
         acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w[0], acc[m]);
         acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w[1], acc[m]);
         acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), w[2], acc[m]);
@@ -215,8 +252,46 @@ inline void int4_rows_m(const float* x, const uint8_t* p, const float* scales, f
   }
   for (int m = 0; m < Mr; ++m) out[m * ldo] = hsum(sum[m]);
 #else
-  for (int m = 0; m < Mr; ++m) int4_rows(x + m * K, p, scales, out + m * ldo, K, G, 0, 1);
+  for (int m = 0; m < Mr; ++m) int4_rows(x + m * ldx, p, scales, out + m * ldo, K, G, 0, 1);
 #endif
+}
+
+// w[(n - n0) * K + k] = W[n, k] for the rows n0:n1 of an int8 layer.
+inline void int8_dequant_rows(const int8_t* q, const float* scales, float* w, int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* r = q + n * K;
+    float* out = w + (n - n0) * K;
+    int64_t k = 0;
+#ifdef LEANGPT_AVX2
+    const __m256 scale = _mm256_set1_ps(scales[n]);
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, _mm256_mul_ps(int8x8(r + k), scale));
+#endif
+    for (; k < K; ++k) out[k] = static_cast<float>(r[k]) * scales[n];
+  }
+}
+
+// w[(n - n0) * K + k] = W[n, k] for the rows n0:n1 of an int4 layer (packed, scales and szeros: row 0's).
+inline void int4_dequant_rows(const uint8_t* packed, const float* scales, const float* szeros, float* w, int64_t K,
+                              int64_t G, int64_t n0, int64_t n1) {
+  const int64_t gs = K / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = packed + n * (K / 2);
+    float* out = w + (n - n0) * K;
+    for (int64_t b = 0; b < K; b += 32) {
+      const float scale = scales[n * G + b / gs], szero = szeros[n * G + b / gs];
+#ifdef LEANGPT_AVX2
+      __m256 v[4];
+      int4x32(r + b / 2, v);
+      for (int i = 0; i < 4; ++i)
+        _mm256_storeu_ps(out + b + 8 * i, _mm256_fmsub_ps(v[i], _mm256_set1_ps(scale), _mm256_set1_ps(szero)));
+#else
+      for (int64_t j = 0; j < 16; ++j) {
+        out[b + j] = static_cast<float>(r[b / 2 + j] & 15) * scale - szero;
+        out[b + 16 + j] = static_cast<float>(r[b / 2 + j] >> 4) * scale - szero;
+      }
+#endif
+    }
+  }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
