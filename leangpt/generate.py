@@ -251,7 +251,7 @@ class GenerateSettings:
     batch_size: int = setting(8, "prompts of a --prompts file decoded together")
     draft: Path | None = setting(None, "draft checkpoint for speculative decoding (same tokenizer)")
     draft_tokens: int = setting(4, "draft tokens proposed per speculative round")
-    compile: bool = setting(True, "torch.compile the decode step of several rows (one row on a CPU takes leangpt's "
+    compile: bool = setting(True, "torch.compile the decode step (on a CPU, steps of up to 32 rows take leangpt's "
                                  "C++ step) for jobs of at least --compile-min-tokens (the "
                                  "first process on a machine compiles for about 10 s, later ones still trace "
                                  "for about 4 s; falls back to eager on failure); --no-compile decodes eagerly")
