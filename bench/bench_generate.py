@@ -9,6 +9,10 @@ tokens, batch 1 and 8; the script asserts that the tokens are identical. Runs al
 Beside the batch-1 figures: the memory-bandwidth bound, weight bytes read per token ÷ the copy bandwidth
 measured in this run (STREAM convention: a copy moves 2 × its size).
 
+With --variant (a quantized or pruned checkpoint of --model, repeatable), that variant decoded by leangpt beside
+transformers on --model's float weights, the model a user of transformers would run instead (transformers
+cannot load leangpt's integer layers): the same prompts and timing, the tokens not compared.
+
 With --spec-target and --spec-draft (two checkpoints with one tokenizer), speculative decoding at batch 1
 against the same engine without a draft, greedy (tokens asserted identical) and sampled: tokens/s, speed-up and
 acceptance rate.
@@ -98,7 +102,7 @@ def hf_run(model, prompts: torch.Tensor, new: int, extra: dict[str, Any]) -> tup
 
 
 def bench_batch(ours: Engine, ref, hf_extra: dict[str, Any], batch: int, prompt_len: int, new: int,
-                repeats: int) -> dict[str, Any]:
+                repeats: int, same_weights: bool = True) -> dict[str, Any]:
     vocab = ours.model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     last: dict[str, torch.Tensor] = {}
@@ -110,7 +114,7 @@ def bench_batch(ours: Engine, ref, hf_extra: dict[str, Any], batch: int, prompt_
     def run_theirs() -> dict[str, float]:
         ref_tokens, total = hf_run(ref, prompts, new, hf_extra)
         _, first = hf_run(ref, prompts, 1, hf_extra)  # transformers' time to first token, for its decode rate
-        if not torch.equal(last["tokens"], ref_tokens):
+        if same_weights and not torch.equal(last["tokens"], ref_tokens):
             rows = (last["tokens"] != ref_tokens).any(1).nonzero().flatten().tolist()
             raise AssertionError(f"batch {batch}: greedy tokens differ from transformers in rows {rows}")
         return {"total": total, "first": first}
@@ -120,7 +124,7 @@ def bench_batch(ours: Engine, ref, hf_extra: dict[str, Any], batch: int, prompt_
     ours_t, hf_t = t["leangpt"], t["transformers"]
     ours_total, hf_total = ours_t["total"], hf_t["total"]
     return {
-        "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new, "identical_greedy_tokens": True,
+        "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new, "identical_greedy_tokens": same_weights,
         "leangpt_tokens_per_s": batch * new / ours_total,
         "transformers_tokens_per_s": batch * new / hf_total,
         "ratio": hf_total / ours_total,
@@ -169,9 +173,22 @@ def bench_speculative(target_dir: Path, draft_dir: Path, k: int, new: int, repea
     return rows
 
 
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print(f"{'variant':<24} {'batch':>5} {'leangpt tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} "
+          f"{'leangpt decode':>15} {'hf decode':>10} {'leangpt TTFT s':>15} {'hf TTFT s':>10}")
+    for r in rows:
+        print(f"{r['variant'][-24:]:<24} {r['batch']:>5} {r['leangpt_tokens_per_s']:>14.1f} "
+              f"{r['transformers_tokens_per_s']:>19.1f} {r['ratio']:>5.2f}x {r['leangpt_decode_tokens_per_s']:>15.1f} "
+              f"{r['transformers_decode_tokens_per_s']:>10.1f} {r['leangpt_ttft_s']:>15.4f} "
+              f"{r['transformers_ttft_s']:>10.4f}")
+    print("greedy tokens of the float model identical to transformers: yes (asserted); variants: not compared "
+          "(transformers runs the float weights)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="GPT-2 checkpoint dir (default: a random 6×384, vocab 8192 one)")
+    ap.add_argument("--model", type=Path, help="float checkpoint dir that transformers loads too (default: a random "
+                                              "GPT-2 of 6×384, vocab 8192)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
@@ -179,6 +196,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile leangpt's decode step")
     ap.add_argument("--hf-compile", action="store_true",
                     help="transformers with a static cache and its compiled forward too (default: plain generate())")
+    ap.add_argument("--variant", type=Path, action="append", default=[],
+                    help="a quantized or pruned checkpoint of --model, timed against transformers on --model")
     ap.add_argument("--threads", type=int, help="torch threads for both (default: torch's choice)")
     ap.add_argument("--spec-target", type=Path, help="target checkpoint for the speculative decoding figures")
     ap.add_argument("--spec-draft", type=Path, help="draft checkpoint (same tokenizer) for them")
@@ -197,8 +216,13 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     wbytes = weight_bytes_per_token(model)
     hf_extra = hf_compile_arguments() if args.hf_compile else {}
-    rows = [bench_batch(engine, ref, hf_extra, b, args.prompt_tokens, args.new_tokens, args.repeats)
-            for b in args.batch]
+    rows = [{"variant": "float", **bench_batch(engine, ref, hf_extra, b, args.prompt_tokens, args.new_tokens,
+                                               args.repeats)} for b in args.batch]
+    for variant in args.variant:
+        variant_engine = Engine(load_model(variant), compile=args.compile)
+        rows += [{"variant": str(variant), **bench_batch(variant_engine, ref, hf_extra, b, args.prompt_tokens,
+                                                         args.new_tokens, args.repeats, same_weights=False)}
+                 for b in args.batch]
     bandwidth = max(bandwidth, copy_bandwidth())  # measured before and after: the less disturbed figure
     result = {
         "machine": describe(), "torch": torch.__version__,
@@ -213,14 +237,7 @@ def main() -> None:
           f"transformers compiled {args.hf_compile}, "
           f"weights/token {wbytes / 2**20:.1f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"-> batch-1 bound {bandwidth / wbytes:.0f} tokens/s")
-    print(f"{'batch':>5} {'leangpt tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} {'leangpt decode':>15} "
-          f"{'hf decode':>10} {'leangpt TTFT s':>15} {'hf TTFT s':>10}")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['leangpt_tokens_per_s']:>14.1f} {r['transformers_tokens_per_s']:>19.1f} "
-              f"{r['ratio']:>5.2f}x {r['leangpt_decode_tokens_per_s']:>15.1f} "
-              f"{r['transformers_decode_tokens_per_s']:>10.1f} {r['leangpt_ttft_s']:>15.4f} "
-              f"{r['transformers_ttft_s']:>10.4f}")
-    print("greedy tokens identical to transformers: yes (asserted)")
+    print_rows(rows)
     if args.spec_target and args.spec_draft:
         result["speculative"] = bench_speculative(args.spec_target, args.spec_draft, args.draft_tokens,
                                                   args.new_tokens, args.repeats)
