@@ -11,8 +11,8 @@ slot moves into it, so the n running rows always fill slots 0..n-1 and a decode 
 
 Each row samples with its own settings and its own generator, as in an engine Generation, so its tokens do not
 depend on what runs beside it (up to the float rounding of batched products). It runs any model the engine runs,
-through the engine's decode step (compiled or eager); only the KV cache is swapped for `SlotCache`s over the
-same tensors.
+through the engine's decode step (C++, compiled or eager) and, for prefill chunks of up to NativeDecoder.max_rows
+tokens, the C++ step too; the Python paths see the KV cache through `SlotCache`s over the same tensors.
 """
 
 from __future__ import annotations
@@ -255,13 +255,16 @@ class RunningBatch:
         start = torch.tensor([row.prefilled for row, _ in run], device=dev)[:, None]
         # Padding writes past a row's chunk, slots that its own later tokens overwrite before it attends them.
         pos = (start + torch.arange(width, device=dev)).clamp(max=self.max_len - 1)  # (R, W)
-        for cache in self._caches:
-            cache.first = run[0][0].slot
-        try:
-            self.engine.model.forward_hidden(idx, pos, int(pos.max()) + 1)  # the cache is what it is run for
-        finally:
+        if self.engine.native_takes(idx.numel()):
+            self.engine.native.forward(idx, pos, first_row=run[0][0].slot)
+        else:
             for cache in self._caches:
-                cache.first = 0
+                cache.first = run[0][0].slot
+            try:
+                self.engine.model.forward_hidden(idx, pos, int(pos.max()) + 1)  # the cache is what it is run for
+            finally:
+                for cache in self._caches:
+                    cache.first = 0
         for row, n in run:
             row.prefilled += n
 

@@ -114,7 +114,7 @@ class Engine:
         below kv_len if given. Eager, and compiled on a CPU, attend to those kv_len cache slots only; compiled
         steps elsewhere keep one shape, the whole cache. The C++ step attends to each row's positions up to its
         own."""
-        if self._native_rows(tokens.size(0)):
+        if self.native_takes(tokens.size(0)):
             return self.native.step(tokens, input_pos)
         compiled = self._compiled_one if tokens.size(0) == 1 else self._compiled_rows
         if compiled is not None:
@@ -126,12 +126,26 @@ class Engine:
                 self._compiled_one = self._compiled_rows = None
         return self._decode_eager(tokens, input_pos, kv_len)
 
-    def _native_rows(self, batch: int) -> bool:
-        return self.native is not None and batch <= self.native.max_rows
+    def prefill(self, idx: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) at column last[b] of each row (default: the last column) of prompts idx (B, P) at
+        positions input_pos ((P,) or (B, P)), every position written to the KV cache. Prompts of up to
+        NativeDecoder.max_rows tokens in all take the C++ step, as decode steps of as many rows do."""
+        B, P = idx.shape
+        if self.native_takes(B * P):
+            columns = torch.full((B,), P - 1) if last is None else last.cpu()
+            return self.native.forward(idx, input_pos, logit_items=torch.arange(B) * P + columns)
+        logits = self.model(idx, input_pos, P)  # (B, P, V)
+        if last is None:
+            return logits[:, -1]
+        return logits[torch.arange(B, device=idx.device), last]
+
+    def native_takes(self, tokens: int) -> bool:
+        """Whether a step of this many tokens (rows of a decode step, or prompt tokens) runs the C++ step."""
+        return self.native is not None and tokens <= self.native.max_rows
 
     def decode_step(self, batch: int) -> str:
         """Which step decodes `batch` rows now: "c++" (leangpt's C++ step), "compiled" or "eager"."""
-        if self._native_rows(batch):
+        if self.native_takes(batch):
             return "c++"
         return "compiled" if (self._compiled_one if batch == 1 else self._compiled_rows) is not None else "eager"
 
@@ -197,15 +211,14 @@ class Generation:
         if len(set(lens)) == 1:
             # Positions (1,) shared by all rows, one per step (views of one tensor: no op per step).
             positions = torch.arange(P, P + N, device=dev)[:, None]  # (N, 1)
-            logits = eng.model(idx, torch.arange(P, device=dev), P)[:, -1]  # (B, V)
+            logits = eng.prefill(idx, torch.arange(P, device=dev))  # (B, V)
         else:
             # Per-row positions (B, 1) per step, each stopping at its row's last one, so that no row runs past
             # its part of the cache.
             last = torch.tensor([n + r.max_new_tokens - 1 for n, r in zip(lens, reqs)], device=dev)
             start = torch.tensor(lens, device=dev)
             positions = torch.minimum(start + torch.arange(N, device=dev)[:, None], last)[:, :, None]  # (N, B, 1)
-            logits = eng.model(idx, torch.arange(P, device=dev).expand(B, P), P)  # (B, P, V)
-            logits = logits[torch.arange(B, device=dev), start - 1]  # each row's last prompt token
+            logits = eng.prefill(idx, torch.arange(P, device=dev).expand(B, P), start - 1)  # each row's last token
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens, logits) of steps not read yet
         for step in range(N):
             tok = sampler.sample(logits)

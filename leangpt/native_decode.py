@@ -96,6 +96,7 @@ class NativeDecoder:
                                        norm is not None, rms, c.norm_eps, *(_norm(norm) if norm else [_NONE] * 2))
         self._first_attention = model.blocks[0].attn
         self._bound: torch.Tensor | None = None
+        self._rows: dict[int, torch.Tensor] = {}
 
     def _bind_cache(self) -> None:
         """Point the step at the model's KV cache whenever the model has a new one."""
@@ -112,7 +113,25 @@ class NativeDecoder:
         (B, 1)), row b in the KV cache's row b, each attending to its positions up to its own; as
         `model(tokens, input_pos)[:, -1]`."""
         self._bind_cache()
-        positions = input_pos.reshape(-1).expand(tokens.size(0))
-        if self.float_table:
-            return self.decoder.step(tokens, positions, _NONE)
-        return self.decoder.step(tokens, positions, self.model.embed(tokens, input_pos))  # (B, 1, C)
+        B = tokens.size(0)
+        if B not in self._rows:
+            self._rows[B] = torch.arange(B)
+        rows = self._rows[B]  # the cache rows, and the items whose logits are wanted: all
+        return self.decoder.step(tokens, input_pos.reshape(-1).expand(B), rows, rows, self._embedded(tokens, input_pos))
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, first_row: int = 0,
+                logit_items: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens idx (B, T) at positions input_pos ((T,) shared by the rows, or (B, T)), row b in the KV cache's
+        row first_row + b, written to the cache; each token attends to its row's positions up to its own,
+        including those written by the tokens before it. Returns the logits (len(logit_items), V) of the items
+        logit_items (ascending indices into idx flattened; default none)."""
+        self._bind_cache()
+        B, T = idx.shape
+        slots = torch.arange(first_row, first_row + B).repeat_interleave(T)
+        items = _NONE.long() if logit_items is None else logit_items
+        return self.decoder.step(idx.reshape(-1), input_pos.expand(B, T).reshape(-1), slots, items,
+                                 self._embedded(idx, input_pos))
+
+    def _embedded(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The model's embedding of idx when its table is not float (a quantized one), else none."""
+        return _NONE if self.float_table else self.model.embed(idx, input_pos)  # (B, T, C)

@@ -101,6 +101,31 @@ def test_several_rows_of_other_architectures(options):
     assert rows_errors(tiny(**options), 5) < 1e-5
 
 
+@pytest.mark.parametrize("weights", ["float", "int4"])
+def test_prompts_of_several_tokens_per_row_fill_the_cache_as_the_model_does(weights):
+    # forward(): several tokens of one cache row in one step (a prompt, a draft to verify), in two chunks, the
+    # second attending to the first's keys and to its own; rows from first_row on.
+    torch.set_num_threads(2)
+    model = tiny(**QWEN3)
+    if weights == "int4":
+        model = quantized(model, 4, 32)
+    idx = torch.randint(0, 300, (2, 14), generator=torch.Generator().manual_seed(4))
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        want = model(idx)  # (2, 14, V)
+        model.setup_cache(3, 16)
+        assert decoder.forward(idx[:, :6], torch.arange(6), first_row=1).shape == (0, 300)  # the cache only
+        every = decoder.forward(idx[:, 6:], torch.arange(6, 14).expand(2, 8), first_row=1,
+                                logit_items=torch.arange(16))
+        assert float((every - want[:, 6:].reshape(16, -1)).abs().max()) < 1e-4 * float(want.abs().max())
+        # A prompt's last logits of each row, then a decode step on the keys that forward() wrote.
+        model.setup_cache(2, 16)
+        last = decoder.forward(idx[:, :13], torch.arange(13), logit_items=torch.tensor([12, 25]))
+        torch.testing.assert_close(last, want[:, 12], atol=1e-4 * float(want.abs().max()), rtol=0)
+        got = decoder.step(idx[:, 13:], torch.tensor([13]))
+        torch.testing.assert_close(got, want[:, 13], atol=1e-4 * float(want.abs().max()), rtol=0)
+
+
 def test_a_long_cache():
     # Softmax over up to 250 positions: the vectorised exp over many 8-lane blocks and a tail.
     assert step_errors(tiny(**{**LLAMA, "block_size": 256}), tokens=251, prompt=3) < 1e-5
@@ -191,5 +216,5 @@ def test_what_the_step_does_not_cover_says_why():
     with pytest.raises(RuntimeError, match="setup_cache"):
         decoder.step(torch.tensor([[1]]), torch.tensor([0]))
     model.setup_cache(1, 8)
-    with pytest.raises(RuntimeError, match="2 rows, the KV cache has 1"):
+    with pytest.raises(RuntimeError, match=r"cache row 1 is outside the KV cache \(1 rows\)"):
         decoder.step(torch.tensor([[1], [2]]), torch.tensor([0]))

@@ -449,37 +449,54 @@ struct Decoder : torch::CustomClassHolder {
     k_cache = std::move(k), v_cache = std::move(v);
   }
 
-  // One layer's attention for this thread's (row, key/value head) pairs: QK-norm and RoPE of its keys and queries,
-  // the new key and value written at the row's slot pos[row], then softmax(q k / sqrt(d)) v over slots 0..pos[row]
-  // into att.
-  void attend(size_t layer, const int64_t* pos, int64_t M, std::vector<float>& scores) {
+  // Where a step runs: item r (one token) at position pos[r] of KV-cache row slot[r]. Items may share a cache row
+  // (a prompt's tokens, or a draft's to verify), each then attending to the keys the others write.
+  struct Items {
+    const int64_t *pos, *slot;
+    int64_t M;
+    bool shared_slots;  // some cache row holds several items: every key is written before any is read
+  };
+
+  float* cache_at(const std::vector<at::Tensor>& cache, size_t layer, int64_t slot, int64_t head) const {
+    const int64_t H = cache[layer].size(1), L = cache[layer].size(2);
+    return cache[layer].data_ptr<float>() + (slot * H + head) * L * head_dim;
+  }
+
+  // One layer's attention for this thread's (item, key/value head) pairs: QK-norm and RoPE of its keys and
+  // queries, the new key and value written at the item's position, then softmax(q k / sqrt(d)) v over positions
+  // 0..pos[r] of its cache row into att.
+  void attend(size_t layer, const Items& it, std::vector<float>& scores) {
     const Block& b = blocks[layer];
-    const int64_t D = head_dim, group = b.n_head / b.n_kv_head, L = k_cache[layer].size(2);
+    const int64_t D = head_dim, group = b.n_head / b.n_kv_head;
     const int64_t q_size = b.n_head * D, kv_size = b.n_kv_head * D;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    auto [i0, i1] = share(M * b.n_kv_head);
+    const float *cs = floats(rope_cos), *sn = floats(rope_sin);
+    auto [i0, i1] = share(it.M * b.n_kv_head);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / b.n_kv_head, j = i % b.n_kv_head, p = pos[r];
-      const float *cs = floats(rope_cos), *sn = floats(rope_sin);
-      if (cs) cs += p * D, sn += p * D;
-      float *row = qkv.data() + r * q_width, *k = row + q_size + j * D, *v = k + kv_size;
+      const int64_t r = i / b.n_kv_head, j = i % b.n_kv_head, p = it.pos[r];
+      float *k = qkv.data() + r * q_width + q_size + j * D, *v = k + kv_size;
       if (b.qk_norm) b.k_norm.apply(k, k, D);
-      if (cs) rope(k, cs, sn, D);
-      float* keys = k_cache[layer].data_ptr<float>() + (r * b.n_kv_head + j) * L * D;
-      float* values = v_cache[layer].data_ptr<float>() + (r * b.n_kv_head + j) * L * D;
-      std::copy(k, k + D, keys + p * D);
-      std::copy(v, v + D, values + p * D);
+      if (cs) rope(k, cs + p * D, sn + p * D, D);
+      std::copy(k, k + D, cache_at(k_cache, layer, it.slot[r], j) + p * D);
+      std::copy(v, v + D, cache_at(v_cache, layer, it.slot[r], j) + p * D);
+    }
+    if (it.shared_slots) {
+#pragma omp barrier
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / b.n_kv_head, j = i % b.n_kv_head, p = it.pos[r];
+      const float *keys = cache_at(k_cache, layer, it.slot[r], j), *values = cache_at(v_cache, layer, it.slot[r], j);
       for (int64_t hd = j * group; hd < (j + 1) * group; ++hd) {
-        float* q = row + hd * D;
+        float* q = qkv.data() + r * q_width + hd * D;
         if (b.qk_norm) b.q_norm.apply(q, q, D);
-        if (cs) rope(q, cs, sn, D);
+        if (cs) rope(q, cs + p * D, sn + p * D, D);
         const float top = key_scores(q, keys, scores.data(), p + 1, D, scale);
         const float total = exp_sum(scores.data(), p + 1, top);
         weighted_values(scores.data(), values, att.data() + r * att_width + hd * D, p + 1, D, total);
       }
     }
     if (omp_get_thread_num() == 0)  // a pruned layer's tail
-      for (int64_t r = 0; r < M; ++r)
+      for (int64_t r = 0; r < it.M; ++r)
         std::fill(att.begin() + r * att_width + q_size, att.begin() + (r + 1) * att_width, 0.f);
   }
 
@@ -508,21 +525,39 @@ struct Decoder : torch::CustomClassHolder {
         std::fill(hidden.begin() + r * mlp_width + b.fc.N, hidden.begin() + (r + 1) * mlp_width, 0.f);
   }
 
-  // Logits (M, vocab) of one new token per row: tokens (M,) at positions (M,), row r in the KV cache's row r.
-  // embedded: the first block's inputs (M, n_embd) when the embedding is not a float table (set_embedding), else
-  // empty.
-  at::Tensor step(at::Tensor tokens_in, at::Tensor positions_in, at::Tensor embedded) {
-    const auto tok = tokens_in.to(at::kLong).contiguous(), pos_t = positions_in.to(at::kLong).contiguous();
-    const int64_t M = tok.numel();
-    TORCH_CHECK(M >= 1 && pos_t.numel() == M, "step: one position per token");
+  // Items checked against the cache: (positions, cache rows, whether a cache row holds several items).
+  Items check_items(const at::Tensor& pos_t, const at::Tensor& slot_t, int64_t M, int64_t& last) const {
     TORCH_CHECK(k_cache.size() == blocks.size(), "set_cache before step");
-    TORCH_CHECK(M <= k_cache[0].size(0), "step: ", M, " rows, the KV cache has ", k_cache[0].size(0));
-    const int64_t* pos = pos_t.data_ptr<int64_t>();
-    int64_t last = 0;
+    TORCH_CHECK(M >= 1 && pos_t.numel() == M && slot_t.numel() == M, "step: one position and cache row per token");
+    const int64_t *pos = pos_t.data_ptr<int64_t>(), *slot = slot_t.data_ptr<int64_t>();
+    const int64_t rows = k_cache[0].size(0), L = k_cache[0].size(2);
+    std::vector<bool> used(rows, false);
+    bool shared = false;
+    last = 0;
     for (int64_t r = 0; r < M; ++r) {
-      TORCH_CHECK(pos[r] >= 0 && pos[r] < k_cache[0].size(2), "position ", pos[r], " is outside the KV cache");
+      TORCH_CHECK(pos[r] >= 0 && pos[r] < L, "position ", pos[r], " is outside the KV cache");
+      TORCH_CHECK(slot[r] >= 0 && slot[r] < rows, "cache row ", slot[r], " is outside the KV cache (", rows, " rows)");
+      shared = shared || used[slot[r]];
+      used[slot[r]] = true;
       last = std::max(last, pos[r]);
     }
+    return {pos, slot, M, shared};
+  }
+
+  // Logits (len(logit_items), vocab) of tokens (M,) at positions (M,) of the KV cache's rows slots (M,): item r
+  // attends to positions 0..positions[r] of its row, including the keys that items before it in the same row
+  // write in this step. logit_items: the items whose logits are wanted (ascending). embedded: the first block's
+  // inputs (M, n_embd) when the embedding is not a float table (set_embedding), else empty.
+  at::Tensor step(at::Tensor tokens_in, at::Tensor positions_in, at::Tensor slots_in, at::Tensor logit_items_in,
+                  at::Tensor embedded) {
+    const auto tok = tokens_in.to(at::kLong).contiguous(), pos_t = positions_in.to(at::kLong).contiguous();
+    const auto slot_t = slots_in.to(at::kLong).contiguous(), want_t = logit_items_in.to(at::kLong).contiguous();
+    const int64_t M = tok.numel(), W = want_t.numel();
+    int64_t last = 0;
+    const Items it = check_items(pos_t, slot_t, M, last);
+    const int64_t* want = want_t.data_ptr<int64_t>();
+    for (int64_t w = 0; w < W; ++w)
+      TORCH_CHECK(want[w] >= 0 && want[w] < M && (w == 0 || want[w] > want[w - 1]), "logit items: ascending, < M");
     reserve_rows(M);
     if (present(embedded)) {
       TORCH_CHECK(embedded.scalar_type() == at::kFloat && embedded.numel() == M * n_embd,
@@ -530,9 +565,9 @@ struct Decoder : torch::CustomClassHolder {
       const auto xc = embedded.contiguous();
       std::copy(xc.data_ptr<float>(), xc.data_ptr<float>() + M * n_embd, x.begin());
     } else {
-      for (int64_t r = 0; r < M; ++r) embed(r, tok.data_ptr<int64_t>()[r], pos[r]);
+      for (int64_t r = 0; r < M; ++r) embed(r, tok.data_ptr<int64_t>()[r], it.pos[r]);
     }
-    auto logits = at::empty({M, head.N}, at::TensorOptions().dtype(at::kFloat));
+    auto logits = at::empty({W, head.N}, at::TensorOptions().dtype(at::kFloat));
     float* y = logits.data_ptr<float>();
 #pragma omp parallel num_threads(at::get_num_threads())
     {
@@ -546,7 +581,7 @@ struct Decoder : torch::CustomClassHolder {
           b.qkv.rows(h.data(), normed, qkv.data(), q_width, M, n0, n1, sums.data(), tile.data());
         }
 #pragma omp barrier
-        attend(i, pos, M, scores);
+        attend(i, it, scores);
 #pragma omp barrier
         add_product(b.proj, att.data(), att_width, M, sums.data(), tile.data());
 #pragma omp barrier
@@ -556,11 +591,11 @@ struct Decoder : torch::CustomClassHolder {
         add_product(b.down, hidden.data(), mlp_width, M, sums.data(), tile.data());
 #pragma omp barrier
       }
-      norm_rows(norm_f, h.data(), M);
+      for (int64_t w = 0; w < W; ++w) norm_f.apply(x.data() + want[w] * n_embd, h.data() + w * normed, n_embd);
       auto [n0, n1] = share(head.N, kRowAlign);
-      head.rows(h.data(), normed, y, head.N, M, n0, n1, sums.data(), tile.data());
+      if (W) head.rows(h.data(), normed, y, head.N, W, n0, n1, sums.data(), tile.data());
       if (softcap > 0)
-        for (int64_t r = 0; r < M; ++r)
+        for (int64_t r = 0; r < W; ++r)
           for (int64_t n = r * head.N + n0; n < r * head.N + n1; ++n) y[n] = softcap * std::tanh(y[n] / softcap);
     }
     return logits;
