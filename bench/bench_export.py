@@ -4,7 +4,7 @@ For one checkpoint, in this one process:
 
   speed     prefill and decode tokens/s at each --batch, greedy, --prompt-tokens random ids, --new-tokens with
             no early stop, timed as `leangpt bench` times leangpt (time to the first token, then the rest): leangpt's
-            default path (up to 32 rows: leangpt's C++ step; more: compiled) on the float model ("leangpt f32";
+            default path (up to 64 rows: leangpt's C++ step; more: compiled) on the float model ("leangpt f32";
             --python-step adds its compiled Python step) and on each --quantized checkpoint beside llama.cpp on
             that checkpoint's own GGUF export (the same integers), llama.cpp on the GGUF exports (f32, q8_0, q4_0;
             --threads threads; batch > 1 as parallel sequences through llama.cpp's batch API), onnxruntime on the

@@ -134,7 +134,7 @@ def bench_batch(ours: Engine, ref, hf_extra: dict[str, Any], batch: int, prompt_
     }
 
 
-def speculative_timing(engine: Engine, draft: GPT, prompt: list[int], sampling: SamplingConfig, k: int, new: int,
+def speculative_timing(engine: Engine, draft: Engine, prompt: list[int], sampling: SamplingConfig, k: int, new: int,
                        repeats: int) -> dict[str, float]:
     """Seconds per token of the target alone and with the draft, the same request (a new seed each round)."""
     seeds, last = itertools.count(), {}
@@ -147,7 +147,7 @@ def speculative_timing(engine: Engine, draft: GPT, prompt: list[int], sampling: 
 
     def run_speculative() -> dict[str, float]:
         t0 = time.perf_counter()
-        spec = SpeculativeGeneration(engine.model, draft, last["request"], k)
+        spec = SpeculativeGeneration(engine, draft, last["request"], k)
         for _ in spec:
             pass
         seconds = time.perf_counter() - t0
@@ -161,9 +161,8 @@ def speculative_timing(engine: Engine, draft: GPT, prompt: list[int], sampling: 
 
 
 def bench_speculative(target_dir: Path, draft_dir: Path, k: int, new: int, repeats: int) -> list[dict[str, Any]]:
-    target, draft = load_model(target_dir), load_model(draft_dir)
+    engine, draft = Engine(load_model(target_dir)), Engine(load_model(draft_dir))
     prompt = TextTokenizer.load(target_dir).encode("First Citizen:\nBefore we proceed any further, hear me speak.\n")
-    engine = Engine(target)
     rows = []
     for name, sampling in (("greedy", GREEDY), ("temperature 0.8", SamplingConfig(temperature=0.8))):
         t = speculative_timing(engine, draft, prompt, sampling, k, new, repeats)

@@ -40,7 +40,7 @@ class BenchSettings:
     prompt_tokens: int = setting(32, "prompt length in tokens (random ids)")
     new_tokens: int = setting(128, "tokens generated per row (greedy, no early stop)")
     repeats: int = setting(3, "timed runs after one warm-up; the median is reported")
-    compile: bool = setting(True, "torch.compile the decode step (on a CPU, steps of up to 32 rows take leangpt's "
+    compile: bool = setting(True, "torch.compile the decode step (on a CPU, steps of up to 64 rows take leangpt's "
                                  "C++ step; compile time not counted); --no-compile times them eagerly")
     threads: int | None = setting(None, "torch threads (default: torch's choice, one per core)")
     device: str = setting("auto", "auto, cpu, cuda, ...")

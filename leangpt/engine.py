@@ -126,18 +126,27 @@ class Engine:
                 self._compiled_one = self._compiled_rows = None
         return self._decode_eager(tokens, input_pos, kv_len)
 
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, logit_items: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens idx (B, T) at positions input_pos ((T,) or (B, T)), all written to the KV cache; the logits
+        (n, V) of the items logit_items (ascending indices into idx flattened; default every item, empty: none),
+        as `model(idx, input_pos).flatten(0, 1)[logit_items]`. Up to NativeDecoder.max_rows tokens in all take the
+        C++ step, as decode steps of as many rows do."""
+        B, T = idx.shape
+        items = torch.arange(B * T) if logit_items is None else logit_items
+        if self.native_takes(B * T):
+            return self.native.forward(idx, input_pos, logit_items=items)
+        kv_len = int(input_pos.max()) + 1
+        if len(items) == 0:  # the cache only
+            self.model.forward_hidden(idx, input_pos, kv_len)
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        return self.model(idx, input_pos, kv_len).flatten(0, 1)[items.to(self.device)]
+
     def prefill(self, idx: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, V) at column last[b] of each row (default: the last column) of prompts idx (B, P) at
-        positions input_pos ((P,) or (B, P)), every position written to the KV cache. Prompts of up to
-        NativeDecoder.max_rows tokens in all take the C++ step, as decode steps of as many rows do."""
+        positions input_pos ((P,) or (B, P)), every position written to the KV cache (forward())."""
         B, P = idx.shape
-        if self.native_takes(B * P):
-            columns = torch.full((B,), P - 1) if last is None else last.cpu()
-            return self.native.forward(idx, input_pos, logit_items=torch.arange(B) * P + columns)
-        logits = self.model(idx, input_pos, P)  # (B, P, V)
-        if last is None:
-            return logits[:, -1]
-        return logits[torch.arange(B, device=idx.device), last]
+        columns = torch.full((B,), P - 1) if last is None else last.cpu()
+        return self.forward(idx, input_pos, torch.arange(B) * P + columns)
 
     def native_takes(self, tokens: int) -> bool:
         """Whether a step of this many tokens (rows of a decode step, or prompt tokens) runs the C++ step."""

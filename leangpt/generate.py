@@ -112,7 +112,7 @@ class TokenSteps(Protocol):
 
 
 def token_steps(engine: Engine, tokenizer: TextTokenizer, requests: list[TextRequest], stop_at_eos: bool = True,
-                draft: nn.Module | None = None, draft_tokens: int = 4) -> TokenSteps:
+                draft: Engine | None = None, draft_tokens: int = 4) -> TokenSteps:
     """The tokens of text requests: the engine's batched generation, or with a draft model speculative decoding
     (one request)."""
     ids = [to_request(tokenizer, r, stop_at_eos) for r in requests]
@@ -120,7 +120,7 @@ def token_steps(engine: Engine, tokenizer: TextTokenizer, requests: list[TextReq
         return engine.start(ids)
     if len(ids) != 1:
         raise ValueError(f"speculative decoding takes one request at a time, got {len(ids)}")
-    return SpeculativeRow(SpeculativeGeneration(engine.model, draft, ids[0], draft_tokens))
+    return SpeculativeRow(SpeculativeGeneration(engine, draft, ids[0], draft_tokens))
 
 
 def _record(req: TextRequest, stream: TextStream, completion: Completion, logprobs: bool) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def generate_texts(engine: Engine, tokenizer: TextTokenizer, requests: list[Text
 
 
 def stream_text(engine: Engine, tokenizer: TextTokenizer, request: TextRequest,
-                draft: nn.Module | None = None, draft_tokens: int = 4,
+                draft: Engine | None = None, draft_tokens: int = 4,
                 stop_at_eos: bool = True) -> Iterator[str]:
     """Text pieces of one completion as they are generated; with a draft model, by speculative decoding."""
     steps = token_steps(engine, tokenizer, [request], stop_at_eos, draft, draft_tokens)
@@ -251,7 +251,7 @@ class GenerateSettings:
     batch_size: int = setting(8, "prompts of a --prompts file decoded together")
     draft: Path | None = setting(None, "draft checkpoint for speculative decoding (same tokenizer)")
     draft_tokens: int = setting(4, "draft tokens proposed per speculative round")
-    compile: bool = setting(True, "torch.compile the decode step (on a CPU, steps of up to 32 rows take leangpt's "
+    compile: bool = setting(True, "torch.compile the decode step (on a CPU, steps of up to 64 rows take leangpt's "
                                  "C++ step) for jobs of at least --compile-min-tokens (the "
                                  "first process on a machine compiles for about 10 s, later ones still trace "
                                  "for about 4 s; falls back to eager on failure); --no-compile decodes eagerly")
@@ -291,11 +291,11 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _load_draft(path: Path, tokenizer: TextTokenizer, device: torch.device) -> nn.Module:
+def _load_draft(path: Path, tokenizer: TextTokenizer, device: torch.device) -> Engine:
     draft, draft_tokenizer, _ = load_checkpoint(path, device)
     if draft_tokenizer.sha256() != tokenizer.sha256():
         raise UserError(f"{path}: the draft's tokenizer differs from the model's")
-    return draft
+    return Engine(draft)
 
 
 def _spec_stats(stats: SpeculativeStats) -> dict[str, Any]:
@@ -309,7 +309,7 @@ class _Generator:
     s: GenerateSettings
     engine: Engine
     tokenizer: TextTokenizer
-    draft: nn.Module | None
+    draft: Engine | None
 
     def complete(self, requests: list[TextRequest],
                  on_text: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:

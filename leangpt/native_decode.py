@@ -63,10 +63,11 @@ class NativeDecoder:
     """The C++ decode step of one model. Build it after the model's weights are in their final place (it keeps
     references to them, not copies)."""
 
-    # Rows up to which the Engine takes this step. On the 2-core EPYC (main-job model, position 64) it took
-    # 0.36-0.87 times the compiled step's time at 2-32 rows for float, int8 and int4 weights, and 0.75-1.07 at 64
-    # rows, where MKL's matmul of the float (or dequantized) weights catches up.
-    max_rows = 32
+    # Tokens (rows of a decode step, or of a prompt) up to which the Engine takes this step. On the 2-core EPYC
+    # (main-job model, position 64) a step took 0.36-0.87 times the compiled step's time at 2-32 rows for float,
+    # int8 and int4 weights, and 0.75-1.07 at 64 rows, where MKL's matmul of the float (or dequantized) weights
+    # catches up.
+    max_rows = 64
 
     def __init__(self, model: GPT) -> None:
         if not native.available():  # also loads the library that defines the class

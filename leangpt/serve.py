@@ -641,7 +641,7 @@ class ServeSettings:
                                             "gets 408 (a stream, an error event) and its rows stop; 0: no limit")
     api_key: str | None = setting(None, f"require 'Authorization: Bearer KEY' on /v1/ and /metrics (401 "
                                         f"without); default ${API_KEY_ENV}, else no key")
-    compile: bool = setting(True, "torch.compile the decode step (on a CPU, steps of up to 32 rows take leangpt's C++ step; "
+    compile: bool = setting(True, "torch.compile the decode step (on a CPU, steps of up to 64 rows take leangpt's C++ step; "
                                  "each batch shape compiles once, in the "
                                  "warm-up before serving; falls back to eager); --no-compile decodes eagerly")
     device: str = setting("auto", "auto, cpu, cuda, ...")

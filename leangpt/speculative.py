@@ -1,8 +1,9 @@
 """Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model proposes k tokens, the
 target checks them all in one forward, and the standard accept/reject rule keeps the target's distribution.
 
-One sequence at a time. Both models depend only on the engine's model interface, so any variant can be the
-target or the draft, as long as they share the vocabulary.
+One sequence at a time. Target and draft run through their Engines (leangpt/engine.py; on a CPU the C++ step
+takes the draft's steps and the target's verification of the k + 1 positions), so any variant can be the target
+or the draft, as long as they share the vocabulary.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
-from leangpt.engine import Completion, Request, check_request
+from leangpt.engine import Completion, Engine, Request, check_request
 from leangpt.errors import UserError
 from leangpt.sampling import Sampler, token_logprobs
+
+
+_NO_LOGITS = torch.empty(0, dtype=torch.long)  # Engine.forward's logit items: none (the cache only)
 
 
 def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, sampler: Sampler) -> list[int]:
@@ -58,17 +61,17 @@ class SpeculativeStats:
 class SpeculativeGeneration:
     """Iterate for lists of new tokens, one list per round; `completion` and `stats` are filled at the end."""
 
-    def __init__(self, target: nn.Module, draft: nn.Module, request: Request, k: int = 4) -> None:
-        if target.config.vocab_size != draft.config.vocab_size:
-            raise UserError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
-                            f"({target.config.vocab_size})")
+    def __init__(self, target: Engine, draft: Engine, request: Request, k: int = 4) -> None:
+        vocab, draft_vocab = target.model.config.vocab_size, draft.model.config.vocab_size
+        if vocab != draft_vocab:
+            raise UserError(f"the draft's vocabulary ({draft_vocab}) differs from the target's ({vocab})")
         if request.sampling.has_penalties:
             raise UserError("speculative decoding does not support repetition, frequency or presence penalties")
         if k < 1:
             raise UserError(f"draft tokens per round must be >= 1, got {k}")
-        for model in (target, draft):
-            check_request(request, model.config.block_size)
-        self.target, self.draft, self.request, self.k = target.eval(), draft.eval(), request, k
+        for engine in (target, draft):
+            check_request(request, engine.block_size)
+        self.target, self.draft, self.request, self.k = target, draft, request, k
         self.stats = SpeculativeStats()
         self.completion: Completion | None = None
         self._stop = False
@@ -80,9 +83,9 @@ class SpeculativeGeneration:
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int]]:
         req, target, draft = self.request, self.target, self.draft
-        dev = next(target.parameters()).device
+        dev = target.device
         n_prompt, budget = len(req.prompt), req.max_new_tokens
-        sampler = Sampler([req.sampling], [req.seed], [req.prompt], target.config.vocab_size, dev)
+        sampler = Sampler([req.sampling], [req.seed], [req.prompt], target.model.config.vocab_size, dev)
         target.setup_cache(1, n_prompt + budget)
         draft.setup_cache(1, n_prompt + budget)
         seq = list(req.prompt)
@@ -91,7 +94,8 @@ class SpeculativeGeneration:
         finish = "length"
         t0 = time.perf_counter()
         if n_prompt > 1:  # the target's cache holds every token but the last, which each round feeds again
-            target(torch.tensor([seq[:-1]], device=dev), torch.arange(n_prompt - 1, device=dev))
+            target.forward(torch.tensor([seq[:-1]], device=dev), torch.arange(n_prompt - 1, device=dev),
+                           _NO_LOGITS)
         draft_len = 0  # tokens of seq the draft's cache holds
         while len(out) < budget:
             n = len(seq)
@@ -99,13 +103,13 @@ class SpeculativeGeneration:
             drafted, q = [], []
             feed = torch.tensor([seq[draft_len:]], device=dev)
             for i in range(k):
-                logits = draft(feed, torch.arange(draft_len, draft_len + feed.size(1), device=dev))[:, -1]
+                logits = draft.prefill(feed, torch.arange(draft_len, draft_len + feed.size(1), device=dev))
                 draft_len += feed.size(1)
                 q.append(sampler.probs(logits)[0])
                 drafted.append(int(sampler.draw(q[-1][None])[0]))
                 feed = torch.tensor([[drafted[-1]]], device=dev)
             verify = torch.tensor([[seq[-1]] + drafted], device=dev)  # (1, k + 1)
-            t_logits = target(verify, torch.arange(n - 1, n + k, device=dev))[0]  # (k + 1, V)
+            t_logits = target.forward(verify, torch.arange(n - 1, n + k, device=dev))  # (k + 1, V)
             p = sampler.probs(t_logits)
             new = accept_draft(p, torch.stack(q) if q else p[:0], torch.tensor(drafted, device=dev, dtype=torch.long),
                                sampler)

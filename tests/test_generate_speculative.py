@@ -38,22 +38,25 @@ def noisy_copy(model: GPT, seed: int, noise: float) -> GPT:
     return draft
 
 
-def speculative(target, draft, request, k):
-    spec = SpeculativeGeneration(target, draft, request, k)
+def speculative(target, draft, request, k, native=True):
+    """A speculative generation run to its end; target and draft: models (each put in an Engine) or Engines."""
+    engines = [m if isinstance(m, Engine) else Engine(m, native=native) for m in (target, draft)]
+    spec = SpeculativeGeneration(*engines, request, k)
     chunks = list(spec)
     assert sum(chunks, []) == spec.completion.tokens
     return spec
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c++-step", "python-step"])
 @pytest.mark.parametrize("options", [{}, dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1)],
                          ids=["gpt2", "llama"])
-def test_greedy_speculative_equals_target_alone(options):
+def test_greedy_speculative_equals_target_alone(options, native):
     target = tiny(0, **options)
     prompt = [3, 1, 4, 1, 5]
     [alone] = Engine(target).generate([Request(prompt, 40, GREEDY)])
     for name, draft in {"self": target, "close": noisy_copy(target, 1, 0.002), "unrelated": tiny(9, **options)}.items():
         for k in (1, 4):
-            spec = speculative(target, draft, Request(prompt, 40, GREEDY), k)
+            spec = speculative(target, draft, Request(prompt, 40, GREEDY), k, native)
             assert spec.completion.tokens == alone.tokens, (name, k)
             torch.testing.assert_close(torch.tensor(spec.completion.logprobs), torch.tensor(alone.logprobs),
                                        atol=1e-4, rtol=0)
@@ -100,8 +103,9 @@ def test_sampled_speculative_keeps_the_targets_law_on_a_tiny_model():
             exact_draft[a] = q1[a] * draft(torch.tensor([prompt + [a]]))[0, -1].softmax(-1)
     counts = torch.zeros(V, V)
     cfg = SamplingConfig(temperature=1.0)
+    engines = Engine(target), Engine(draft)
     for seed in range(n):
-        spec = speculative(target, draft, Request(prompt, 3, cfg, seed=seed), 2)
+        spec = speculative(*engines, Request(prompt, 3, cfg, seed=seed), 2)
         a, b = spec.completion.tokens[:2]
         counts[a, b] += 1
     chi2 = (((counts - n * exact) ** 2) / (n * exact)).sum().item()
@@ -113,6 +117,7 @@ def test_sampled_speculative_keeps_the_targets_law_on_a_tiny_model():
 def test_speculative_refuses_what_it_cannot_do():
     target = tiny(0)
     with pytest.raises(UserError, match="vocabulary"):
-        SpeculativeGeneration(target, tiny(1, vocab=200), Request([1], 4), 4)
+        SpeculativeGeneration(Engine(target), Engine(tiny(1, vocab=200)), Request([1], 4), 4)
     with pytest.raises(UserError, match="penalties"):
-        SpeculativeGeneration(target, tiny(1), Request([1], 4, SamplingConfig(repetition_penalty=1.2)), 4)
+        SpeculativeGeneration(Engine(target), Engine(tiny(1)), Request([1], 4, SamplingConfig(repetition_penalty=1.2)),
+                              4)
