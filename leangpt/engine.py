@@ -126,7 +126,8 @@ class Engine:
                 self._compiled_one = self._compiled_rows = None
         return self._decode_eager(tokens, input_pos, kv_len)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, logit_items: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor,
+                logit_items: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens idx (B, T) at positions input_pos ((T,) or (B, T)), all written to the KV cache; the logits
         (n, V) of the items logit_items (ascending indices into idx flattened; default every item, empty: none),
         as `model(idx, input_pos).flatten(0, 1)[logit_items]`. Up to NativeDecoder.max_rows tokens in all take the

@@ -40,10 +40,10 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
     for (; m + 4 <= M; m += 4)
       for (int64_t n = n0; n < n1; n += 2)
-        int8_rows_m<4>(xp + m * K, K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+        rows_m<4>(xp + m * K, K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
     for (; m + 2 <= M; m += 2)
       for (int64_t n = n0; n < n1; n += 2)
-        int8_rows_m<2>(xp + m * K, K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+        rows_m<2>(xp + m * K, K, qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
     for (; m < M; ++m)
       for (int64_t b = b0; b < b1; ++b)
         int8_rows(xp + m * K, qp, sp, yp + m * N, K, b * kInt8Block, std::min(N, (b + 1) * kInt8Block));

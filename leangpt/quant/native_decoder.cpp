@@ -102,11 +102,12 @@ struct Linear {
       const int64_t t1 = std::min(n1, t0 + kTile);
       int64_t m = 0;
       if (M > 1) {
-        for (; m + 4 <= M; m += 4) rows_m<4>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
-        for (; m + 2 <= M; m += 2) rows_m<2>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
+        for (; m + 4 <= M; m += 4) several_rows<4>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
+        for (; m + 2 <= M; m += 2) several_rows<2>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
       }
       for (; m < M; ++m)
-        for (int64_t n = t0; n < t1; n += kRowAlign) one_row(x + m * ldx, y + m * ldy, n, std::min(t1, n + kRowAlign));
+        for (int64_t n = t0; n < t1; n += kRowAlign)
+          one_row(x + m * ldx, y + m * ldy, n, std::min(t1, n + kRowAlign));
     }
     finish(y, ldy, M, n0, n1, sums);
   }
@@ -118,14 +119,11 @@ struct Linear {
                         float* tile) const {
     for (int64_t n = n0; n < n1; n += kRowAlign) {
       const int64_t end = std::min(n1, n + kRowAlign);
-      if (kind == kInt8)
-        int8_dequant_rows(a.data_ptr<int8_t>(), b.data_ptr<float>(), tile, K, n, end);
-      else
-        int4_dequant_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), c.data_ptr<float>(), tile, K, G, n, end);
+      int4_dequant_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), c.data_ptr<float>(), tile, K, G, n, end);
       int64_t m = 0;
       for (; m + 4 <= M; m += 4)
         for (int64_t r = 0; r < end - n; r += 2)
-          float_rows_m<4>(x + m * ldx, ldx, tile, y + m * ldy + n, K, ldy, r, std::min(end - n, r + 2));
+          rows_m<4>(x + m * ldx, ldx, tile, nullptr, y + m * ldy + n, K, ldy, r, std::min(end - n, r + 2));
       for (; m < M; ++m) float_rows(x + m * ldx, tile, y + m * ldy + n, K, 0, end - n);
     }
     finish(y, ldy, M, n0, n1, nullptr);
@@ -165,14 +163,14 @@ struct Linear {
   }
 
   template <int Mr>
-  void rows_m(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) const {
+  void several_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) const {  // Mr rows
     if (kind == kFloat) {
       const float* w = a.data_ptr<float>();
-      for (int64_t n = n0; n < n1; n += 2) float_rows_m<Mr>(x, ldx, w, y, K, ldy, n, std::min(n1, n + 2));
+      for (int64_t n = n0; n < n1; n += 2) rows_m<Mr>(x, ldx, w, nullptr, y, K, ldy, n, std::min(n1, n + 2));
     } else if (kind == kInt8) {
       const int8_t* q = a.data_ptr<int8_t>();
       const float* sc = b.data_ptr<float>();
-      for (int64_t n = n0; n < n1; n += 2) int8_rows_m<Mr>(x, ldx, q, sc, y, K, ldy, n, std::min(n1, n + 2));
+      for (int64_t n = n0; n < n1; n += 2) rows_m<Mr>(x, ldx, q, sc, y, K, ldy, n, std::min(n1, n + 2));
     } else {
       const uint8_t* p = a.data_ptr<uint8_t>();
       const float* sc = b.data_ptr<float>();

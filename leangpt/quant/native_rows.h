@@ -92,38 +92,6 @@ inline void float_rows(const float* x, const float* w, float* y, int64_t K, int6
 }
 
 
-// y[m * ldy + n] for Mr input rows m (x: Mr rows of K, ldx apart) and the output rows n0:n1, n1 - n0 <= 2, for
-// float weights: each weight vector is loaded once for all Mr rows.
-template <int Mr>
-inline void float_rows_m(const float* x, int64_t ldx, const float* w, float* y, int64_t K, int64_t ldy, int64_t n0,
-                         int64_t n1) {
-#ifdef LEANGPT_AVX2
-  if (n1 - n0 == 2 && K % 8 == 0) {
-    const float *w0 = w + n0 * K, *w1 = w0 + K;
-    __m256 a0[Mr], a1[Mr];
-    for (int m = 0; m < Mr; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-      if (k % 16 == 0) {  // the next two rows, fetched while these compute (the first input rows stream them)
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * K + k), _MM_HINT_T0);
-      }
-      const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-      for (int m = 0; m < Mr; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-        a0[m] = _mm256_fmadd_ps(xv, v0, a0[m]);
-        a1[m] = _mm256_fmadd_ps(xv, v1, a1[m]);
-      }
-    }
-    for (int m = 0; m < Mr; ++m) {
-      y[m * ldy + n0] = hsum(a0[m]);
-      y[m * ldy + n0 + 1] = hsum(a1[m]);
-    }
-    return;
-  }
-#endif
-  for (int m = 0; m < Mr; ++m) float_rows(x + m * ldx, w, y + m * ldy, K, n0, n1);
-}
-
 // y[n0:n1] of one input row for int8, n1 - n0 <= kInt8Block
 inline void int8_rows(const float* x, const int8_t* q, const float* scales, float* y, int64_t K, int64_t n0,
                       int64_t n1) {
@@ -148,22 +116,28 @@ inline void int8_rows(const float* x, const int8_t* q, const float* scales, floa
   }
 }
 
-// y[m * ldy + n] for Mr input rows m (x: Mr rows of K, ldx apart) and the output rows n0:n1, n1 - n0 <= 2, for
-// int8: each weight vector is converted once for all Mr rows (the one-row kernel above converts it once per row).
-template <int Mr>
-inline void int8_rows_m(const float* x, int64_t ldx, const int8_t* q, const float* scales, float* y, int64_t K,
-                        int64_t ldy, int64_t n0, int64_t n1) {
+#ifdef LEANGPT_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }  // eight weights as floats
+inline __m256 load8(const int8_t* p) { return int8x8(p); }
+#endif
+
+// y[m * ldy + n] = Σ_k x[m, k] w[n, k] (times scales[n], if given) for Mr input rows m (ldx apart) and the
+// output rows n0:n1, n1 - n0 <= 2, for float or int8 weights: each weight vector is loaded and converted once for
+// all Mr rows (the one-row kernels above convert it once per row).
+template <int Mr, typename T>
+inline void rows_m(const float* x, int64_t ldx, const T* w, const float* scales, float* y, int64_t K,
+                   int64_t ldy, int64_t n0, int64_t n1) {
 #ifdef LEANGPT_AVX2
   if (n1 - n0 == 2 && K % 8 == 0) {
-    const int8_t *w0 = q + n0 * K, *w1 = w0 + K;
+    const T *w0 = w + n0 * K, *w1 = w0 + K;
     __m256 a0[Mr], a1[Mr];
     for (int m = 0; m < Mr; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
-      if (k % 64 == 0) {  // the next two rows, as in float_rows_m
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + k), _MM_HINT_T0);
+      if (k % (64 / sizeof(T)) == 0) {  // the next two rows, fetched while these compute (the first input rows
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + k), _MM_HINT_T0);  // stream them from memory)
         _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * K + k), _MM_HINT_T0);
       }
-      const __m256 v0 = int8x8(w0 + k), v1 = int8x8(w1 + k);
+      const __m256 v0 = load8(w0 + k), v1 = load8(w1 + k);
       for (int m = 0; m < Mr; ++m) {
         const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
         a0[m] = _mm256_fmadd_ps(xv, v0, a0[m]);
@@ -171,13 +145,18 @@ inline void int8_rows_m(const float* x, int64_t ldx, const int8_t* q, const floa
       }
     }
     for (int m = 0; m < Mr; ++m) {
-      y[m * ldy + n0] = hsum(a0[m]) * scales[n0];
-      y[m * ldy + n0 + 1] = hsum(a1[m]) * scales[n0 + 1];
+      y[m * ldy + n0] = hsum(a0[m]) * (scales ? scales[n0] : 1.f);
+      y[m * ldy + n0 + 1] = hsum(a1[m]) * (scales ? scales[n0 + 1] : 1.f);
     }
     return;
   }
 #endif
-  for (int m = 0; m < Mr; ++m) int8_rows(x + m * ldx, q, scales, y + m * ldy, K, n0, n1);
+  for (int m = 0; m < Mr; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      float a = 0.f;
+      for (int64_t k = 0; k < K; ++k) a += x[m * ldx + k] * static_cast<float>(w[n * K + k]);
+      y[m * ldy + n] = a * (scales ? scales[n] : 1.f);
+    }
 }
 
 // Σ_k x[k] q[n, k] scales[n, g] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one input row, into
