@@ -118,7 +118,8 @@ class NativeDecoder:
         if B not in self._rows:
             self._rows[B] = torch.arange(B)
         rows = self._rows[B]  # the cache rows, and the items whose logits are wanted: all
-        return self.decoder.step(tokens, input_pos.reshape(-1).expand(B), rows, rows, self._embedded(tokens, input_pos))
+        positions = input_pos.reshape(-1).expand(B)
+        return self.decoder.step(tokens, positions, rows, rows, self._embedded(tokens, input_pos))
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, first_row: int = 0,
                 logit_items: torch.Tensor | None = None) -> torch.Tensor:
