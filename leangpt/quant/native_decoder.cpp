@@ -90,6 +90,7 @@ constexpr int64_t kDequantRows = 8;
 struct Linear {
   int64_t kind = kFloat, N = 0, K = 0, G = 1;  // K: stored inputs (int4: padded to whole groups, zero inputs)
   at::Tensor a, b, c, bias;                     // float: weight; int8: q, scales; int4: packed, scales, szeros
+  at::Tensor szeros_t;                          // int4: szeros (G, N), each group's zero points of the rows in a row
 
   // y[m * ldy + n] = W[n] x[m] + bias[n] for the M input rows m (ldx apart) and the outputs n0:n1, n0 a multiple
   // of kRowAlign. Each tile of outputs is done for every input row before the next tile: four rows at a time
@@ -130,11 +131,16 @@ struct Linear {
   }
 
   void finish(float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, const float* sums) const {  // zeros, bias
-    const float *sz = sums ? c.data_ptr<float>() : nullptr, *bp = floats(bias);
+    const float* bp = floats(bias);
     for (int64_t m = 0; m < M; ++m) {
       float* ym = y + m * ldy;
+      // y -= Σ_g (Σ x of group g) × szeros[:, g], a vectorised pass per group over contiguous zero points. (With a
+      // dot of G numbers per output row instead, a batch-1 int4 step took 0.33-0.35 ms against 0.29.)
       if (sums && kind == kInt4)
-        for (int64_t r = n0; r < n1; ++r) ym[r] -= dot(sz + r * G, sums + m * G, G);
+        for (int64_t g = 0; g < G; ++g) {
+          const float *zt = szeros_t.data_ptr<float>() + g * N, s = sums[m * G + g];
+          for (int64_t r = n0; r < n1; ++r) ym[r] -= zt[r] * s;
+        }
       if (bp)
         for (int64_t r = n0; r < n1; ++r) ym[r] += bp[r];
     }
@@ -354,6 +360,7 @@ struct Decoder : torch::CustomClassHolder {
     Linear l;
     l.kind = kind;
     l.a = t[0].contiguous(), l.b = t[1].contiguous(), l.c = t[2].contiguous(), l.bias = t[3].contiguous();
+    if (kind == kInt4) l.szeros_t = l.c.t().contiguous();
     l.N = l.a.size(0);
     l.K = kind == kInt4 ? l.a.size(1) * 2 : l.a.size(1);
     if (kind == kInt4) {
