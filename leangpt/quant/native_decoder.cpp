@@ -91,6 +91,9 @@ struct Linear {
   int64_t kind = kFloat, N = 0, K = 0, G = 1;  // K: stored inputs (int4: padded to whole groups, zero inputs)
   at::Tensor a, b, c, bias;                     // float: weight; int8: q, scales; int4: packed, scales, szeros
   at::Tensor szeros_t;                          // int4: szeros (G, N), each group's zero points of the rows in a row
+  // Their data, read once: data_ptr checks its tensor on every call, and the kernels are called per 8 outputs.
+  const void* weights = nullptr;
+  const float *scales = nullptr, *szeros = nullptr, *szeros_by_group = nullptr;
 
   // y[m * ldy + n] = W[n] x[m] + bias[n] for the M input rows m (ldx apart) and the outputs n0:n1, n0 a multiple
   // of kRowAlign. Each tile of outputs is done for every input row before the next tile: four rows at a time
@@ -120,7 +123,7 @@ struct Linear {
                         float* tile) const {
     for (int64_t n = n0; n < n1; n += kRowAlign) {
       const int64_t end = std::min(n1, n + kRowAlign);
-      int4_dequant_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), c.data_ptr<float>(), tile, K, G, n, end);
+      int4_dequant_rows(w<uint8_t>(), scales, szeros, tile, K, G, n, end);
       int64_t m = 0;
       for (; m + 4 <= M; m += 4)
         for (int64_t r = 0; r < end - n; r += 2)
@@ -138,7 +141,7 @@ struct Linear {
       // dot of G numbers per output row instead, a batch-1 int4 step took 0.33-0.35 ms against 0.29.)
       if (sums && kind == kInt4)
         for (int64_t g = 0; g < G; ++g) {
-          const float *zt = szeros_t.data_ptr<float>() + g * N, s = sums[m * G + g];
+          const float *zt = szeros_by_group + g * N, s = sums[m * G + g];
           for (int64_t r = n0; r < n1; ++r) ym[r] -= zt[r] * s;
         }
       if (bp)
@@ -158,30 +161,30 @@ struct Linear {
 
   void one_row(const float* x, float* y, int64_t n0, int64_t n1) const {  // n1 - n0 <= kRowAlign
     if (kind == kFloat) {
-      float_rows(x, a.data_ptr<float>(), y, K, n0, n1);
+      float_rows(x, w<float>(), y, K, n0, n1);
     } else if (kind == kInt8) {
-      int8_rows(x, a.data_ptr<int8_t>(), b.data_ptr<float>(), y, K, n0, n1);
+      int8_rows(x, w<int8_t>(), scales, y, K, n0, n1);
     } else {
-      const uint8_t* p = a.data_ptr<uint8_t>();
       for (int64_t n = n0; n < n1; n += kInt4Block)
-        int4_rows(x, p + n * (K / 2), b.data_ptr<float>() + n * G, y + n, K, G, n, std::min(n1, n + kInt4Block));
+        int4_rows(x, w<uint8_t>() + n * (K / 2), scales + n * G, y + n, K, G, n, std::min(n1, n + kInt4Block));
     }
   }
 
   template <int Mr>
   void several_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) const {  // Mr rows
     if (kind == kFloat) {
-      const float* w = a.data_ptr<float>();
-      for (int64_t n = n0; n < n1; n += 2) rows_m<Mr>(x, ldx, w, nullptr, y, K, ldy, n, std::min(n1, n + 2));
+      for (int64_t n = n0; n < n1; n += 2) rows_m<Mr>(x, ldx, w<float>(), nullptr, y, K, ldy, n, std::min(n1, n + 2));
     } else if (kind == kInt8) {
-      const int8_t* q = a.data_ptr<int8_t>();
-      const float* sc = b.data_ptr<float>();
-      for (int64_t n = n0; n < n1; n += 2) rows_m<Mr>(x, ldx, q, sc, y, K, ldy, n, std::min(n1, n + 2));
+      for (int64_t n = n0; n < n1; n += 2) rows_m<Mr>(x, ldx, w<int8_t>(), scales, y, K, ldy, n, std::min(n1, n + 2));
     } else {
-      const uint8_t* p = a.data_ptr<uint8_t>();
-      const float* sc = b.data_ptr<float>();
-      for (int64_t n = n0; n < n1; ++n) int4_rows_m<Mr>(x, ldx, p + n * (K / 2), sc + n * G, y + n, K, G, ldy);
+      for (int64_t n = n0; n < n1; ++n)
+        int4_rows_m<Mr>(x, ldx, w<uint8_t>() + n * (K / 2), scales + n * G, y + n, K, G, ldy);
     }
+  }
+
+  template <typename T>
+  const T* w() const {  // the stored weights, as float, int8 or packed int4
+    return static_cast<const T*>(weights);
   }
 };
 
@@ -335,7 +338,7 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<Block> blocks;
   Norm norm_f;
   Linear head;
-  std::vector<at::Tensor> k_cache, v_cache;  // per block (rows, n_kv_head, max_len, head_dim): step row b is row b
+  std::vector<at::Tensor> k_cache, v_cache;  // per block (rows, n_kv_head, max_len, head_dim)
   // Activations of `rows` step rows, each row as long as its widest reader reads (zeros past what is written:
   // padded int4 inputs). The normed input of a product is each thread's own copy (`normed` floats a row), so no
   // thread waits for a norm.
@@ -361,6 +364,7 @@ struct Decoder : torch::CustomClassHolder {
     l.kind = kind;
     l.a = t[0].contiguous(), l.b = t[1].contiguous(), l.c = t[2].contiguous(), l.bias = t[3].contiguous();
     if (kind == kInt4) l.szeros_t = l.c.t().contiguous();
+    l.weights = l.a.data_ptr(), l.scales = floats(l.b), l.szeros = floats(l.c), l.szeros_by_group = floats(l.szeros_t);
     l.N = l.a.size(0);
     l.K = kind == kInt4 ? l.a.size(1) * 2 : l.a.size(1);
     if (kind == kInt4) {
