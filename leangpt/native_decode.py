@@ -29,7 +29,8 @@ def _linear(module: nn.Module) -> tuple[int, list[torch.Tensor]]:
     if isinstance(module, NativeInt8Linear):
         return 1, [module.q, module.qscales, _NONE, _tensor(module.bias)]
     if isinstance(module, NativeInt4Linear):
-        return 2, [module.packed, module.qscales, module.szeros, _tensor(module.bias)]
+        kind = 3 if module.scheme.activations == "int8" else 2  # int8-rounded inputs: the integer product
+        return kind, [module.packed, module.qscales, module.szeros, _tensor(module.bias)]
     if type(module) in (nn.Linear, DecodeLinear) and module.weight.dtype == torch.float32 \
             and module.weight.is_contiguous():
         return 0, [module.weight.detach(), _NONE, _NONE, _tensor(module.bias)]

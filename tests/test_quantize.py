@@ -16,7 +16,7 @@ from leangpt.checkpoint import load_checkpoint, load_model
 from leangpt.errors import UserError
 from leangpt.generate import SamplingConfig, generate_ids
 from leangpt.quant import kernels, native
-from leangpt.quant.formats import QuantizedWeight, Scheme, pack_int4, quantize_rtn, unpack_int4
+from leangpt.quant.formats import QuantizedWeight, Scheme, pack_int4, quantize_rtn, round_activations, unpack_int4
 from leangpt.quant.gptq import gptq_quantize
 from leangpt.quant.kernels import EAGER_DEQUANT_ROWS, KERNELS, TOLERANCE, candidates, choose_kernel, relative_error
 from leangpt.quant.model import kernels_used
@@ -268,10 +268,13 @@ def quantized(tmp_path_factory, tiny_checkpoint, dataset_dir):
     out = {}
     for name, argv in {
         "int8": ["--method", "int8", "--no-quantize-head"],
-        "int4": ["--method", "int4", "--group-size", "32"],
-        "int4emb": ["--method", "int4", "--group-size", "32", "--quantize-embedding"],
+        # weight-only int4 (float activations), which every kernel computes up to float rounding
+        "int4": ["--method", "int4", "--group-size", "32", "--activations", "float"],
+        "int4emb": ["--method", "int4", "--group-size", "32", "--quantize-embedding", "--activations", "float"],
         "gptq4": ["--method", "gptq-int4", "--group-size", "32", "--calib-data", str(dataset_dir),
-                  "--calib-samples", "16", "--calib-seq-len", "64"],
+                  "--calib-samples", "16", "--calib-seq-len", "64", "--activations", "float"],
+        "gptq4a8": ["--method", "gptq-int4", "--group-size", "32", "--calib-data", str(dataset_dir),
+                    "--calib-samples", "16", "--calib-seq-len", "64"],  # the default: int8 activations
     }.items():
         from leangpt.quantize import main
         assert main(["--model", str(tiny_checkpoint), "--out", str(root / name), *argv]) == 0
@@ -282,7 +285,7 @@ def quantized(tmp_path_factory, tiny_checkpoint, dataset_dir):
 def test_quantized_checkpoint_format(quantized, tiny_checkpoint):
     meta = json.loads((quantized["int4"] / "leangpt.json").read_text())
     q = meta["quantization"]
-    assert q["scheme"] == {"bits": 4, "group_size": 32} and "lm_head" in q["layers"]
+    assert q["scheme"] == {"bits": 4, "group_size": 32, "activations": "float"} and "lm_head" in q["layers"]
     assert 4 < q["bits_per_weight"] < 6  # 4 bits + a float scale and a uint8 zero per 32 weights
     tensors = load_file(str(quantized["int4"] / "model.safetensors"))
     assert tensors["blocks.0.mlp.fc.qweight"].dtype == torch.uint8
@@ -322,6 +325,68 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
             assert relative_error(model(x), ref) <= TOLERANCE[kernel], kernel
         if kernel in weight_only:
             assert list(generate_ids(model, prompt, 24, greedy)) == ref_text, kernel
+
+
+def test_int8_activations_are_the_default_for_int4_and_every_kernel_rounds_them(quantized, tiny_checkpoint,
+                                                                                 monkeypatch):
+    """An int4 checkpoint made without --activations rounds each product's inputs to int8 per group. Every
+    kernel computes that function: the dequantized twin with its layers' inputs rounded by round_activations.
+    Where float rounding tips an input across a rounding boundary the outputs differ by one step of that
+    group's grid, so the check is on the typical position, and on all of them loosely."""
+    meta = json.loads((quantized["gptq4a8"] / "leangpt.json").read_text())["quantization"]
+    assert meta["scheme"] == {"bits": 4, "group_size": 32, "activations": "int8"}
+    assert meta["scheme_name"] == "int4-g32-a8"
+    twin = dequantized_twin(tiny_checkpoint, quantized["gptq4a8"])
+    for name in meta["layers"]:
+        twin.get_submodule(name).register_forward_pre_hook(lambda _, args: (round_activations(args[0], 32),))
+    x = torch.randint(0, twin.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = twin(x)
+        plain = dequantized_twin(tiny_checkpoint, quantized["gptq4a8"])(x)  # float activations
+    scheme = Scheme(4, 32, "int8")
+    vocab = twin.config.vocab_size
+    for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):
+        if KERNELS[kernel].quantizes_activations:
+            continue  # its own (7-bit) activation rounding on top
+        monkeypatch.setenv("LEANGPT_QUANT_KERNEL", kernel)
+        model = load_model(quantized["gptq4a8"])
+        with torch.no_grad():
+            y = model(x)
+        errors = sorted(float(e) for e in ((y - ref).abs().amax(-1) / ref.abs().amax()).flatten())
+        assert errors[len(errors) // 2] <= max(TOLERANCE[kernel], 1e-5) and errors[-1] < 0.03, kernel
+        assert relative_error(plain, ref) > 10 * errors[len(errors) // 2]  # the rounding is there to be seen
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("groups", [1, 3, 6])  # 3 groups of 32: a last 32 inputs outside the 64-input steps
+def test_native_integer_product_rounds_its_inputs_as_round_activations(group, groups):
+    if "native-int4" not in candidates(Scheme(4, group), CPU, 8, group):
+        pytest.skip("leangpt's C++ kernels cannot be built here")
+    gen = torch.Generator().manual_seed(group + groups)
+    K = group * groups
+    qw = quantize_rtn(torch.randn(37, K, generator=gen) * 0.05, Scheme(4, group, "int8"))  # 37: a partial block
+    x = torch.randn(5, K, generator=gen) * 3
+    x[1] = 0  # all-zero groups
+    # a group on a grid of step 0.5 (max |x| = 63.5 = 127 · 0.5) with every other value halfway: ties to even
+    x[2, :group] = (torch.arange(group) - group // 2) * 0.75
+    x[2, group - 1] = 63.5
+    ref = KERNELS["reference"](qw, None, CPU)(x)  # rounds x by round_activations, then dequantize-then-matmul
+    module = KERNELS["native-int4"](qw, None, CPU)
+    y = torch.ops.leangpt_native.int4_a8_gemv(x, *module.weights())  # x as it is: the C++ rounds it
+    assert relative_error(y, ref) < 1e-5
+    assert relative_error(module(x), ref) < 1e-5
+
+
+def test_rounded_activations():
+    x = torch.tensor([[0.0] * 4 + [1.0, -2.54, 0.3, 127.0 / 127 * 2.54], [0.0] * 8])
+    y = round_activations(x, 4)
+    assert torch.equal(y[:, :4], torch.zeros(2, 4)) and torch.equal(y[1], torch.zeros(8))  # all-zero groups
+    s = 2.54 / 127
+    assert torch.allclose(y[0, 4:], torch.round(x[0, 4:] / s) * s) and y.dtype == x.dtype
+    assert torch.equal(round_activations(y, 4), y)  # rounded values round to themselves
+    assert round_activations(torch.randn(3, 7), 4).shape == (3, 7)  # a shorter last group
+    with pytest.raises(UserError, match="int4 weights"):
+        Scheme(8, None, "int8")
 
 
 @pytest.mark.parametrize("which,kernel", [("int8", "native-int8"), ("gptq4", "native-int4")])

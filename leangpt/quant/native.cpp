@@ -87,6 +87,36 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// int4_gemv with each input row rounded to int8 per group (an a8 scheme: native_rows.h, round_activations) and
+// integer products. Rows already rounded (by leangpt.quant.formats.round_activations) round to themselves.
+at::Tensor int4_a8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const at::Tensor& szeros) {
+  check_inputs(x, packed, packed.size(1) * 2);
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = scales.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+                  szeros.scalar_type() == at::kFloat && scales.sizes() == szeros.sizes() && scales.size(0) == N &&
+                  G > 0 && K % G == 0 && (K / G) % 32 == 0 && scales.is_contiguous() && szeros.is_contiguous(),
+              "int4_a8_gemv needs packed uint8 (N, K/2), float scales and szeros (N, G), groups a multiple of 32");
+  const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *zp = szeros.data_ptr<float>();
+  std::vector<int8_t> q(M * K);
+  std::vector<float> xs(M * G), sums(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    round_activations(xp + m * K, K, G, q.data() + m * K, xs.data() + m * G, sums.data() + m * G);
+  auto y = at::empty({M, N}, x.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (N + kInt4Block - 1) / kInt4Block;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 4 * kWorkPerTask / (K * kInt4Block)), [&](int64_t b0, int64_t b1) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kInt4Block, r1 = std::min(N, r0 + kInt4Block), bytes = K / 2;
+        int4_a8_rows(q.data() + m * K, xs.data() + m * G, pp + r0 * bytes, sp + r0 * G, yp + m * N + r0, K, G, r0, r1);
+        for (int64_t n = r0; n < r1; ++n) yp[m * N + n] -= dot(zp + n * G, sums.data() + m * G, G);
+      }
+  });
+  return y;
+}
+
 // The float (N, K) weights, for inputs of many rows (prefill, eval): dequantize once, then one matmul.
 at::Tensor int8_dequant(const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8 (N, K)");
@@ -121,6 +151,7 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, cons
 TORCH_LIBRARY(leangpt_native, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
+  m.def("int4_a8_gemv(Tensor x, Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
   m.def("int8_dequant(Tensor q, Tensor scales) -> Tensor");
   m.def("int4_dequant(Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
 }
@@ -128,6 +159,7 @@ TORCH_LIBRARY(leangpt_native, m) {
 TORCH_LIBRARY_IMPL(leangpt_native, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_a8_gemv", &int4_a8_gemv);
   m.impl("int8_dequant", &int8_dequant);
   m.impl("int4_dequant", &int4_dequant);
 }

@@ -71,6 +71,10 @@ def _register_fakes() -> None:
     def _(x, packed, scales, szeros):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake(lib + "int4_a8_gemv")
+    def _(x, packed, scales, szeros):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
     @torch.library.register_fake(lib + "int8_dequant")
     def _(q, scales):
         return scales.new_empty(q.shape)

@@ -9,7 +9,8 @@
 //
 // leangpt/native_decode.py builds a Decoder from a model (float, int8 and int4 linear layers; the GPT-2,
 // llama, Qwen3 and nanochat options of leangpt/model.py); the model's own prefill fills the KV cache that the
-// step then reads and extends. Float32 throughout: equal to the model's forward up to float rounding.
+// step then reads and extends. Float32 throughout (int4-a8 layers: integer products of the inputs rounded as the
+// layers round them): equal to the model's forward up to float rounding.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -76,7 +77,8 @@ struct Norm {
   }
 };
 
-enum Kind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2 };
+// kInt4A8: int4 weights whose products round their inputs to int8 per group (native_rows.h, a8).
+enum Kind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kInt4A8 = 3 };
 
 constexpr int64_t kRowAlign = 8;  // a multiple of every row block
 // Outputs per tile of a several-row product: a tile's weights (16-64 KB for these models' widths) stay in the L2
@@ -87,8 +89,16 @@ constexpr int64_t kTile = 64;
 // conversion is cheaper: there it was slower.)
 constexpr int64_t kDequantRows = 8;
 
+// A thread's scratch for the products: Σ x per int4 group (the zero points), a dequantized tile of weights, and
+// an a8 layer's rounded inputs (one row's integers and group scales, or several rows as the floats they stand for).
+struct Scratch {
+  std::vector<float> sums, tile, rounded, xscales;
+  std::vector<int8_t> xq;
+};
+
 struct Linear {
   int64_t kind = kFloat, N = 0, K = 0, G = 1;  // K: stored inputs (int4: padded to whole groups, zero inputs)
+  bool a8 = false;                              // int4 with int8-rounded inputs (kInt4A8)
   at::Tensor a, b, c, bias;                     // float: weight; int8: q, scales; int4: packed, scales, szeros
   at::Tensor szeros_t;                          // int4: szeros (G, N), each group's zero points of the rows in a row
   // Their data, read once: data_ptr checks its tensor on every call, and the kernels are called per 8 outputs.
@@ -97,10 +107,18 @@ struct Linear {
 
   // y[m * ldy + n] = W[n] x[m] + bias[n] for the M input rows m (ldx apart) and the outputs n0:n1, n0 a multiple
   // of kRowAlign. Each tile of outputs is done for every input row before the next tile: four rows at a time
-  // (each weight vector converted once for them), then two, then one. sums: scratch of M * G floats (int4).
-  void rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, float* sums,
-            float* tile) const {
-    if (kind == kInt4 && M >= kDequantRows) return dequantized_rows(x, ldx, y, ldy, M, n0, n1, tile);
+  // (each weight vector converted once for them), then two, then one. An a8 layer's one input row takes the
+  // integer product; several rows are rounded to the floats their integers stand for, then multiplied as floats.
+  void rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
+            Scratch& s) const {
+    float* sums = s.sums.data();
+    if (a8 && M == 1) return a8_row(x, y, n0, n1, s);
+    if (a8) {
+      for (int64_t m = 0; m < M; ++m)
+        round_activations(x + m * ldx, K, G, s.xq.data(), s.xscales.data(), sums, s.rounded.data() + m * K);
+      x = s.rounded.data(), ldx = K;
+    }
+    if (kind == kInt4 && M >= kDequantRows) return dequantized_rows(x, ldx, y, ldy, M, n0, n1, s.tile.data());
     if (kind == kInt4) group_sums(x, ldx, M, sums);
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t t1 = std::min(n1, t0 + kTile);
@@ -131,6 +149,14 @@ struct Linear {
       for (; m < M; ++m) float_rows(x + m * ldx, tile, y + m * ldy + n, K, 0, end - n);
     }
     finish(y, ldy, M, n0, n1, nullptr);
+  }
+
+  void a8_row(const float* x, float* y, int64_t n0, int64_t n1, Scratch& s) const {
+    round_activations(x, K, G, s.xq.data(), s.xscales.data(), s.sums.data());
+    for (int64_t n = n0; n < n1; n += kInt4Block)
+      int4_a8_rows(s.xq.data(), s.xscales.data(), w<uint8_t>() + n * (K / 2), scales + n * G, y + n, K, G, n,
+                   std::min(n1, n + kInt4Block));
+    finish(y, 0, 1, n0, n1, s.sums.data());
   }
 
   void finish(float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, const float* sums) const {  // zeros, bias
@@ -359,9 +385,11 @@ struct Decoder : torch::CustomClassHolder {
   }
 
   static Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t) {  // t: a, b, c, bias
-    TORCH_CHECK(t.size() == 4 && kind >= kFloat && kind <= kInt4, "a linear layer is a kind and four tensors");
+    TORCH_CHECK(t.size() == 4 && kind >= kFloat && kind <= kInt4A8, "a linear layer is a kind and four tensors");
     Linear l;
-    l.kind = kind;
+    l.a8 = kind == kInt4A8;
+    l.kind = l.a8 ? kInt4 : kind;
+    kind = l.kind;
     l.a = t[0].contiguous(), l.b = t[1].contiguous(), l.c = t[2].contiguous(), l.bias = t[3].contiguous();
     if (kind == kInt4) l.szeros_t = l.c.t().contiguous();
     l.weights = l.a.data_ptr(), l.scales = floats(l.b), l.szeros = floats(l.c), l.szeros_by_group = floats(l.szeros_t);
@@ -440,6 +468,15 @@ struct Decoder : torch::CustomClassHolder {
     reserve_rows(1);
   }
 
+  Scratch scratch(int64_t M) const {  // a thread's, for a step of M rows
+    const int64_t widest = std::max({normed, att_width, mlp_width});
+    Scratch s;
+    s.sums.resize(M * groups);
+    s.tile.resize(M >= kDequantRows ? kRowAlign * widest : 0);
+    s.rounded.resize(M > 1 ? M * widest : 0), s.xq.resize(widest), s.xscales.resize(groups);
+    return s;
+  }
+
   void reserve_rows(int64_t n) {
     if (n <= rows) return;
     rows = n;
@@ -514,17 +551,17 @@ struct Decoder : torch::CustomClassHolder {
   }
 
   // x += W y for this thread's columns of the residual stream, y: M rows ldy apart.
-  void add_product(const Linear& l, const float* y, int64_t ldy, int64_t M, float* sums, float* tile) {
+  void add_product(const Linear& l, const float* y, int64_t ldy, int64_t M, Scratch& s) {
     auto [n0, n1] = share(l.N, kRowAlign);
-    l.rows(y, ldy, out.data(), n_embd, M, n0, n1, sums, tile);
+    l.rows(y, ldy, out.data(), n_embd, M, n0, n1, s);
     for (int64_t r = 0; r < M; ++r)
       for (int64_t n = n0; n < n1; ++n) x[r * n_embd + n] += out[r * n_embd + n];
   }
 
-  void mlp_hidden(const Block& b, const float* h, int64_t M, float* sums, float* tile) {
+  void mlp_hidden(const Block& b, const float* h, int64_t M, Scratch& s) {
     auto [n0, n1] = share(b.fc.N, kRowAlign);
-    b.fc.rows(h, normed, fc_out.data(), mlp_width, M, n0, n1, sums, tile);
-    if (mlp == kSwiglu) b.gate.rows(h, normed, gate_out.data(), mlp_width, M, n0, n1, sums, tile);
+    b.fc.rows(h, normed, fc_out.data(), mlp_width, M, n0, n1, s);
+    if (mlp == kSwiglu) b.gate.rows(h, normed, gate_out.data(), mlp_width, M, n0, n1, s);
     for (int64_t r = 0; r < M; ++r) {
       const int64_t at = r * mlp_width + n0;
       activations(mlp, gate_out.data() + at, fc_out.data() + at, hidden.data() + at, n1 - n0);
@@ -580,29 +617,29 @@ struct Decoder : torch::CustomClassHolder {
     float* y = logits.data_ptr<float>();
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      std::vector<float> sums(M * groups), scores(last + 1), h(M * normed, 0.f);
-      std::vector<float> tile(M >= kDequantRows ? kRowAlign * std::max({normed, att_width, mlp_width}) : 0);
+      std::vector<float> scores(last + 1), h(M * normed, 0.f);
+      Scratch s = scratch(M);
       for (size_t i = 0; i < blocks.size(); ++i) {
         const Block& b = blocks[i];
         norm_rows(b.norm1, h.data(), M);
         {
           auto [n0, n1] = share(b.qkv.N, kRowAlign);
-          b.qkv.rows(h.data(), normed, qkv.data(), q_width, M, n0, n1, sums.data(), tile.data());
+          b.qkv.rows(h.data(), normed, qkv.data(), q_width, M, n0, n1, s);
         }
 #pragma omp barrier
         attend(i, it, scores);
 #pragma omp barrier
-        add_product(b.proj, att.data(), att_width, M, sums.data(), tile.data());
+        add_product(b.proj, att.data(), att_width, M, s);
 #pragma omp barrier
         norm_rows(b.norm2, h.data(), M);
-        mlp_hidden(b, h.data(), M, sums.data(), tile.data());
+        mlp_hidden(b, h.data(), M, s);
 #pragma omp barrier
-        add_product(b.down, hidden.data(), mlp_width, M, sums.data(), tile.data());
+        add_product(b.down, hidden.data(), mlp_width, M, s);
 #pragma omp barrier
       }
       for (int64_t w = 0; w < W; ++w) norm_f.apply(x.data() + want[w] * n_embd, h.data() + w * normed, n_embd);
       auto [n0, n1] = share(head.N, kRowAlign);
-      if (W) head.rows(h.data(), normed, y, head.N, W, n0, n1, sums.data(), tile.data());
+      if (W) head.rows(h.data(), normed, y, head.N, W, n0, n1, s);
       if (softcap > 0)
         for (int64_t r = 0; r < W; ++r)
           for (int64_t n = r * head.N + n0; n < r * head.N + n1; ++n) y[n] = softcap * std::tanh(y[n] / softcap);

@@ -10,6 +10,8 @@
 //         multiple of 32): W[n, k] = q[n, k] * scales[n, g] - szeros[n, g].
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -233,6 +235,128 @@ inline void int4_rows_m(const float* x, int64_t ldx, const uint8_t* p, const flo
 #else
   for (int m = 0; m < Mr; ++m) int4_rows(x + m * ldx, p, scales, out + m * ldo, K, G, 0, 1);
 #endif
+}
+
+// int8 activations of int4 layers (a8: leangpt.quant.formats.round_activations). Each group g of an input row
+// is rounded to q = round(x / s[g]) (ties to even), s[g] = max |x| / 127 over the group (1 for a zero group), and
+// the product is integer within a group: Σ_g scales[n, g] s[g] Σ_k q4[n, k] q[k], the zero points applied by the
+// caller from sums[g] = s[g] Σ_k q[k]. The integers are stored in the order the product reads them: in each whole
+// 64 inputs, 0-15, 32-47, 16-31, 48-63 (the low, then the high nibbles of 32 packed bytes); a last 32 stays as is.
+inline int64_t a8_position(int64_t k, int64_t K) {  // where input k's integer is stored
+  const int64_t c = k / 64 * 64, r = k % 64;
+  if (c + 64 > K || r < 16 || r >= 48) return k;
+  return c + (r < 32 ? r + 16 : r - 16);
+}
+
+// Rounds one input row x[0:K] (K a multiple of 32, groups of K / G inputs) as above: q (K, in the product's
+// order), s and sums (G). rounded, if given, receives q[k] s[g] in input order (the floats the rounding stands for).
+inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, float* s, float* sums,
+                              float* rounded = nullptr) {
+  const int64_t gs = K / G;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* xg = x + g * gs;
+    int64_t k = 0;
+    float top = 0.f, total = 0.f;
+#ifdef LEANGPT_AVX2
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 vtop = _mm256_setzero_ps();
+    for (int64_t i = 0; i < gs; i += 8) vtop = _mm256_max_ps(vtop, _mm256_and_ps(_mm256_loadu_ps(xg + i), abs_mask));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vtop), _mm256_extractf128_ps(vtop, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    top = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    const float scale = top > 0.f ? top / 127.f : 1.f;
+    const __m256 vs = _mm256_set1_ps(scale);
+    __m256 vsum = _mm256_setzero_ps();
+    for (; k < gs; k += 32) {
+      __m256i i32[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k + 8 * j), vs),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        vsum = _mm256_add_ps(vsum, r);
+        if (rounded) _mm256_storeu_ps(rounded + g * gs + k + 8 * j, _mm256_mul_ps(r, vs));
+        i32[j] = _mm256_cvtps_epi32(r);
+      }
+      // packs work within 128-bit lanes: the permutation puts the 32 bytes back in input order
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3])),
+          _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      const int64_t at = g * gs + k;  // 16 inputs each side stay together in the product's order
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + a8_position(at, K)), _mm256_castsi256_si128(bytes));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + a8_position(at + 16, K)), _mm256_extracti128_si256(bytes, 1));
+    }
+    total = hsum(vsum);
+#else
+    for (int64_t i = 0; i < gs; ++i) top = std::max(top, std::fabs(xg[i]));
+    const float scale = top > 0.f ? top / 127.f : 1.f;
+#endif
+    for (; k < gs; ++k) {
+      const float r = std::nearbyint(xg[k] / scale);  // the default rounding mode: ties to even, as torch.round
+      q[a8_position(g * gs + k, K)] = static_cast<int8_t>(r);
+      total += r;
+      if (rounded) rounded[g * gs + k] = r * scale;
+    }
+    s[g] = scale, sums[g] = total * scale;
+  }
+}
+
+// Σ_g scales[n, g] s[g] Σ_k q4[n, k] q[k] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one a8 input row
+// (q, s: from round_activations), into out[0 : n1 - n0]. p, scales: row n0's packed bytes and scales. Unsigned
+// nibbles times signed bytes by maddubs (pairs of products, at most 2 · 15 · 127 each: no saturation), summed
+// as 32-bit integers for each 32 inputs, then scaled as floats.
+inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, const float* scales, float* out,
+                         int64_t K, int64_t G, int64_t n0, int64_t n1) {
+  const int64_t gs = K / G, half = K / 2;
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == kInt4Block) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 sum[kInt4Block];
+    for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 64 <= K; b += 64) {  // lanes 0-3: inputs b..b+31 (group g0), lanes 4-7: b+32..b+63 (group g1)
+      const int64_t g0 = b / gs, g1 = (b + 32) / gs;
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + 32));
+      const __m256 xs = _mm256_set_m128(_mm_set1_ps(s[g1]), _mm_set1_ps(s[g0]));
+      for (int i = 0; i < kInt4Block; ++i) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * half + b / 2));
+        const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+        const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), xs);
+        const float* sc = scales + i * G;
+        sum[i] = _mm256_fmadd_ps(dots, _mm256_set_m128(_mm_set1_ps(sc[g1]), _mm_set1_ps(sc[g0])), sum[i]);
+      }
+    }
+    if (b < K) {  // a last 32 inputs
+      const int64_t g = b / gs;
+      const __m128i low4h = _mm_set1_epi8(0x0F), onesh = _mm_set1_epi16(1);
+      const __m128i xa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b));
+      const __m128i xb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b + 16));
+      for (int i = 0; i < kInt4Block; ++i) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * half + b / 2));
+        const __m128i lo = _mm_and_si128(bytes, low4h), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4h);
+        const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, xa), _mm_maddubs_epi16(hi, xb));
+        const __m128 dots = _mm_cvtepi32_ps(_mm_madd_epi16(pairs, onesh));
+        const __m128 scaled = _mm_mul_ps(dots, _mm_set1_ps(s[g] * scales[i * G + g]));
+        sum[i] = _mm256_add_ps(sum[i], _mm256_insertf128_ps(_mm256_setzero_ps(), scaled, 0));
+      }
+    }
+    _mm_storeu_ps(out, hsum4(sum));
+    return;
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p + (n - n0) * half;
+    float total = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t acc = 0;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+        const uint8_t byte = row[k / 32 * 16 + k % 16];
+        acc += static_cast<int32_t>(k % 32 < 16 ? byte & 15 : byte >> 4) * q[a8_position(k, K)];
+      }
+      total += static_cast<float>(acc) * s[g] * scales[(n - n0) * G + g];
+    }
+    out[n - n0] = total;
+  }
 }
 
 // w[(n - n0) * K + k] = W[n, k] for the rows n0:n1 of an int8 layer.
