@@ -269,10 +269,12 @@ class _Rows:
              stopped: set[int]) -> Iterator[list[tuple[int, int]]]:
         """Take in the pending steps' tokens and logits; yield each step's (row, token) emitted. stopped may grow
         while a step's tokens are out: a row in it emits nothing more."""
-        tokens = torch.stack([t for t, _ in pending], 1)  # (B, steps)
-        # The log-probabilities of all pending steps in one call (cheaper than one per step at batch 1)
-        logits = torch.stack([lg for _, lg in pending], 1)  # (B, steps, V)
-        logprobs = token_logprobs(logits.flatten(0, 1), tokens.flatten()).view_as(tokens).tolist()
+        if len(pending) == 1:  # every step on a CPU
+            tokens, logits = pending[0][0][:, None], pending[0][1]  # (B, 1), (B, V)
+        else:  # the log-probabilities of all pending steps in one call (cheaper than one per step at batch 1)
+            tokens = torch.stack([t for t, _ in pending], 1)  # (B, steps)
+            logits = torch.stack([lg for _, lg in pending], 1).flatten(0, 1)  # (B · steps, V)
+        logprobs = token_logprobs(logits, tokens.flatten()).view_as(tokens).tolist()
         tokens = tokens.tolist()
         for s in range(len(pending)):
             step, emitted = self.steps_read + s, []

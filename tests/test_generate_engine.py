@@ -14,7 +14,8 @@ from leangpt.cpu_linear import DecodeLinear, use_decode_linears
 from leangpt.engine import Engine, Request
 from leangpt.errors import UserError
 from leangpt.model import GPT
-from leangpt.sampling import argmax, Sampler, SamplingConfig
+from leangpt.quant import native
+from leangpt.sampling import argmax, Sampler, SamplingConfig, token_logprobs
 
 GREEDY = SamplingConfig(temperature=0)
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1, tie_embeddings=False)
@@ -140,6 +141,21 @@ def test_greedy_argmax_takes_the_first_of_equal_maxima_as_torch_does():
     for x in (logits, logits.flip(1), logits.t().contiguous().t(), logits[:, 1:], logits.to(torch.bfloat16)):
         got = argmax(x)
         assert got.dtype == torch.long and torch.equal(got, x.argmax(-1))
+
+
+@pytest.mark.parametrize("shape", [(1, 8192), (5, 301), (2, 7)], ids=str)  # 301, 7: lanes past the 8-wide ones
+def test_token_logprobs_equal_log_softmax(shape):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*shape, generator=g) * 8
+    logits[0, 3 % shape[1]] = 60.0  # a dominant token: its log-probability is close to 0
+    tokens = torch.randint(0, shape[1], (shape[0],), generator=g)
+    tokens[0] = 3 % shape[1]
+    want = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    assert torch.allclose(token_logprobs(logits, tokens), want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(token_logprobs(logits[:, ::1].t().contiguous().t(), tokens), want, atol=1e-5, rtol=1e-5)
+    if native.available():
+        with pytest.raises(RuntimeError, match="outside the logits"):
+            token_logprobs(logits, torch.full((shape[0],), shape[1]))
 
 
 def test_same_seed_same_tokens_different_seed_different_tokens():

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "native_rows.h"
@@ -146,6 +148,46 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, cons
   return w;
 }
 
+// log_softmax(logits)[b, tokens[b]] of float (B, V) logits: the chosen token's logit less log Σ e^x of its row,
+// eight lanes at a time (torch's log_softmax writes all B · V log-probabilities first: 16 µs for one row of
+// 8,192 on the 2-core EPYC, where a decode step is ~0.2 ms).
+at::Tensor token_logprobs(const at::Tensor& logits, const at::Tensor& tokens) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "token_logprobs needs contiguous float logits (B, V)");
+  const auto tok = tokens.to(at::kLong).contiguous();
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(tok.numel() == B, "token_logprobs: one token per row");
+  const int64_t* t = tok.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(t[b] >= 0 && t[b] < V, "token id ", t[b], " is outside the logits");
+  auto out = at::empty({B}, logits.options());
+  const float* x = logits.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, B, std::max<int64_t>(1, kWorkPerTask * 4 / V), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* r = x + b * V;
+      int64_t i = 0;
+      float top = -INFINITY, total = 0.f;
+#ifdef LEANGPT_AVX2
+      __m256 vtop = _mm256_set1_ps(-INFINITY);
+      for (; i + 8 <= V; i += 8) vtop = _mm256_max_ps(vtop, _mm256_loadu_ps(r + i));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, vtop);
+      top = *std::max_element(lanes, lanes + 8);
+#endif
+      for (; i < V; ++i) top = std::max(top, r[i]);
+      i = 0;
+#ifdef LEANGPT_AVX2
+      __m256 vsum = _mm256_setzero_ps();
+      for (; i + 8 <= V; i += 8) vsum = _mm256_add_ps(vsum, exp8(_mm256_sub_ps(_mm256_loadu_ps(r + i), _mm256_set1_ps(top))));
+      total = hsum(vsum);
+#endif
+      for (; i < V; ++i) total += std::exp(r[i] - top);
+      o[b] = r[t[b]] - top - std::log(total);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(leangpt_native, m) {
@@ -153,6 +195,7 @@ TORCH_LIBRARY(leangpt_native, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
   m.def("int4_a8_gemv(Tensor x, Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
   m.def("int8_dequant(Tensor q, Tensor scales) -> Tensor");
+  m.def("token_logprobs(Tensor logits, Tensor tokens) -> Tensor");
   m.def("int4_dequant(Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
 }
 
@@ -161,5 +204,6 @@ TORCH_LIBRARY_IMPL(leangpt_native, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_a8_gemv", &int4_a8_gemv);
   m.impl("int8_dequant", &int8_dequant);
+  m.impl("token_logprobs", &token_logprobs);
   m.impl("int4_dequant", &int4_dequant);
 }
