@@ -326,6 +326,20 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
     __m256 sum[kInt4Block];
     for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_setzero_ps();
     int64_t b = 0;
+    if (gs % 64 == 0)  // whole groups of 64 inputs: one scale of each a step
+      for (; b < K; b += 64) {
+        const int64_t g = b / gs;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b));
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + 32));
+        const __m256 xs = _mm256_broadcast_ss(s + g);
+        for (int i = 0; i < kInt4Block; ++i) {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * half + b / 2));
+          const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+          const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), xs);
+          sum[i] = _mm256_fmadd_ps(dots, _mm256_broadcast_ss(scales + i * G + g), sum[i]);
+        }
+      }
     for (; b + 64 <= K; b += 64) {  // lanes 0-3: inputs b..b+31 (group g0), lanes 4-7: b+32..b+63 (group g1)
       const int64_t g0 = b / gs, g1 = (b + 32) / gs;
       const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b));
