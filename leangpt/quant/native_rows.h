@@ -313,6 +313,18 @@ inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, f
   }
 }
 
+#ifdef LEANGPT_AVX2
+// The integer dots of 32 packed bytes (64 nibbles: 0-15 and 32-47 low, 16-31 and 48-63 high) with a8 inputs xa
+// (their order's first 32) and xb, as floats: lanes 0-3 sum inputs 0-31, lanes 4-7 inputs 32-63.
+inline __m256 int4_a8_dots(const uint8_t* p, __m256i xa, __m256i xb) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+
 // Σ_g scales[n, g] s[g] Σ_k q4[n, k] q[k] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one a8 input row
 // (q, s: from round_activations), into out[0 : n1 - n0]. p, scales: row n0's packed bytes and scales. Unsigned
 // nibbles times signed bytes by maddubs (pairs of products, at most 2 · 15 · 127 each: no saturation), summed
@@ -322,7 +334,6 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
   const int64_t gs = K / G, half = K / 2;
 #ifdef LEANGPT_AVX2
   if (n1 - n0 == kInt4Block) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 sum[kInt4Block];
     for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_setzero_ps();
     int64_t b = 0;
@@ -333,10 +344,7 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
         const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + 32));
         const __m256 xs = _mm256_broadcast_ss(s + g);
         for (int i = 0; i < kInt4Block; ++i) {
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * half + b / 2));
-          const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
-          const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), xs);
+          const __m256 dots = _mm256_mul_ps(int4_a8_dots(p + i * half + b / 2, xa, xb), xs);
           sum[i] = _mm256_fmadd_ps(dots, _mm256_broadcast_ss(scales + i * G + g), sum[i]);
         }
       }
@@ -346,10 +354,7 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
       const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + 32));
       const __m256 xs = _mm256_set_m128(_mm_set1_ps(s[g1]), _mm_set1_ps(s[g0]));
       for (int i = 0; i < kInt4Block; ++i) {
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * half + b / 2));
-        const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
-        const __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), xs);
+        const __m256 dots = _mm256_mul_ps(int4_a8_dots(p + i * half + b / 2, xa, xb), xs);
         const float* sc = scales + i * G;
         sum[i] = _mm256_fmadd_ps(dots, _mm256_set_m128(_mm_set1_ps(sc[g1]), _mm_set1_ps(sc[g0])), sum[i]);
       }
