@@ -119,9 +119,6 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.log_severity_level = 3  # errors only
-        # Its threads would spin-wait after each run, taking the cores from whatever runs next (a paired bench's
-        # next runtime).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.kv_shapes = {i.name: (i.shape[1], i.shape[3])  # (kv heads, head dim) of each layer's cache
