@@ -90,9 +90,9 @@ constexpr int64_t kTile = 64;
 constexpr int64_t kDequantRows = 8;
 
 // A thread's scratch for the products: Σ x per int4 group (the zero points), a dequantized tile of weights, and
-// an a8 layer's rounded inputs (one row's integers and group scales, or several rows as the floats they stand for).
+// an a8 layer's rounded inputs (each row's integers and group scales).
 struct Scratch {
-  std::vector<float> sums, tile, rounded, xscales;
+  std::vector<float> sums, tile, xscales;
   std::vector<int8_t> xq;
 };
 
@@ -107,17 +107,11 @@ struct Linear {
 
   // y[m * ldy + n] = W[n] x[m] + bias[n] for the M input rows m (ldx apart) and the outputs n0:n1, n0 a multiple
   // of kRowAlign. Each tile of outputs is done for every input row before the next tile: four rows at a time
-  // (each weight vector converted once for them), then two, then one. An a8 layer's one input row takes the
-  // integer product; several rows are rounded to the floats their integers stand for, then multiplied as floats.
+  // (each weight vector converted once for them), then two, then one. An a8 layer's rows take integer products.
   void rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
             Scratch& s) const {
     float* sums = s.sums.data();
-    if (a8 && M == 1) return a8_row(x, y, n0, n1, s);
-    if (a8) {
-      for (int64_t m = 0; m < M; ++m)
-        round_activations(x + m * ldx, K, G, s.xq.data(), s.xscales.data(), sums, s.rounded.data() + m * K);
-      x = s.rounded.data(), ldx = K;
-    }
+    if (a8) return a8_rows(x, ldx, y, ldy, M, n0, n1, s);
     if (kind == kInt4 && M >= kDequantRows) return dequantized_rows(x, ldx, y, ldy, M, n0, n1, s.tile.data());
     if (kind == kInt4) group_sums(x, ldx, M, sums);
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
@@ -151,12 +145,28 @@ struct Linear {
     finish(y, ldy, M, n0, n1, nullptr);
   }
 
-  void a8_row(const float* x, float* y, int64_t n0, int64_t n1, Scratch& s) const {
-    round_activations(x, K, G, s.xq.data(), s.xscales.data(), s.sums.data());
-    for (int64_t n = n0; n < n1; n += kInt4Block)
-      int4_a8_rows(s.xq.data(), s.xscales.data(), w<uint8_t>() + n * (K / 2), scales + n * G, y + n, K, G, n,
-                   std::min(n1, n + kInt4Block));
-    finish(y, 0, 1, n0, n1, s.sums.data());
+  // rows() of an a8 layer: each input row rounded to int8 (round_activations), then integer products.
+  void a8_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
+               Scratch& s) const {
+    int8_t* q = s.xq.data();
+    float *xs = s.xscales.data(), *sums = s.sums.data();
+    for (int64_t m = 0; m < M; ++m) round_activations(x + m * ldx, K, G, q + m * K, xs + m * G, sums + m * G);
+    const uint8_t* packed = w<uint8_t>();
+    for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+      const int64_t t1 = std::min(n1, t0 + kTile);
+      int64_t m = 0;
+      for (; M > 1 && m + 4 <= M; m += 4)
+        for (int64_t n = t0; n < t1; ++n)
+          int4_a8_rows_m<4>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, ldy);
+      for (; M > 1 && m + 2 <= M; m += 2)
+        for (int64_t n = t0; n < t1; ++n)
+          int4_a8_rows_m<2>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, ldy);
+      for (; m < M; ++m)
+        for (int64_t n = t0; n < t1; n += kInt4Block)
+          int4_a8_rows(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, n,
+                       std::min(t1, n + kInt4Block));
+    }
+    finish(y, ldy, M, n0, n1, sums);
   }
 
   void finish(float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, const float* sums) const {  // zeros, bias
@@ -457,7 +467,7 @@ struct Decoder : torch::CustomClassHolder {
     Scratch s;
     s.sums.resize(M * groups);
     s.tile.resize(M >= kDequantRows ? kRowAlign * widest : 0);
-    s.rounded.resize(M > 1 ? M * widest : 0), s.xq.resize(widest), s.xscales.resize(groups);
+    s.xq.resize(M * widest), s.xscales.resize(M * groups);
     return s;
   }
 

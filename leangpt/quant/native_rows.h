@@ -263,9 +263,8 @@ inline int64_t a8_position(int64_t k, int64_t K) {  // where input k's integer i
 }
 
 // Rounds one input row x[0:K] (K a multiple of 32, groups of K / G inputs) as above: q (K, in the product's
-// order), s and sums (G). rounded, if given, receives q[k] s[g] in input order (the floats the rounding stands for).
-inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, float* s, float* sums,
-                              float* rounded = nullptr) {
+// order), s and sums (G).
+inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, float* s, float* sums) {
   const int64_t gs = K / G;
   for (int64_t g = 0; g < G; ++g) {
     const float* xg = x + g * gs;
@@ -287,7 +286,6 @@ inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, f
         const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k + 8 * j), vs),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         vsum = _mm256_add_ps(vsum, r);
-        if (rounded) _mm256_storeu_ps(rounded + g * gs + k + 8 * j, _mm256_mul_ps(r, vs));
         i32[j] = _mm256_cvtps_epi32(r);
       }
       // packs work within 128-bit lanes: the permutation puts the 32 bytes back in input order
@@ -307,7 +305,6 @@ inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, f
       const float r = std::nearbyint(xg[k] / scale);  // the default rounding mode: ties to even, as torch.round
       q[a8_position(g * gs + k, K)] = static_cast<int8_t>(r);
       total += r;
-      if (rounded) rounded[g * gs + k] = r * scale;
     }
     s[g] = scale, sums[g] = total * scale;
   }
@@ -316,12 +313,34 @@ inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, f
 #ifdef LEANGPT_AVX2
 // The integer dots of 32 packed bytes (64 nibbles: 0-15 and 32-47 low, 16-31 and 48-63 high) with a8 inputs xa
 // (their order's first 32) and xb, as floats: lanes 0-3 sum inputs 0-31, lanes 4-7 inputs 32-63.
-inline __m256 int4_a8_dots(const uint8_t* p, __m256i xa, __m256i xb) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+inline __m256 int4_a8_dots(__m256i lo, __m256i hi, __m256i xa, __m256i xb) {
   const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+inline __m256 int4_a8_dots(const uint8_t* p, __m256i xa, __m256i xb) {  // from the packed bytes
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return int4_a8_dots(_mm256_and_si256(bytes, low4), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), xa, xb);
+}
+
+// Two floats of a 64-input step as lanes 0-3 and 4-7: one of group g0's, one of g1's (the same group from 64
+// inputs a group on).
+inline __m256 halves(const float* v, int64_t g0, int64_t g1) {
+  return g0 == g1 ? _mm256_broadcast_ss(v + g0) : _mm256_set_m128(_mm_broadcast_ss(v + g1), _mm_broadcast_ss(v + g0));
+}
+
+// The integer dot of a last 32 inputs (16 packed bytes) times its two scales, by 128-bit vectors.
+inline float int4_a8_tail(const int8_t* q, float xs, const uint8_t* p, float ws) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+  const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q))),
+                                      _mm_maddubs_epi16(hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  __m128i d = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
+  d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0x4E));
+  d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0xB1));
+  return static_cast<float>(_mm_cvtsi128_si32(d)) * xs * ws;
 }
 #endif
 
@@ -337,43 +356,20 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
     __m256 sum[kInt4Block];
     for (int i = 0; i < kInt4Block; ++i) sum[i] = _mm256_setzero_ps();
     int64_t b = 0;
-    if (gs % 64 == 0)  // whole groups of 64 inputs: one scale of each a step
-      for (; b < K; b += 64) {
-        const int64_t g = b / gs;
-        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b));
-        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + 32));
-        const __m256 xs = _mm256_broadcast_ss(s + g);
-        for (int i = 0; i < kInt4Block; ++i) {
-          const __m256 dots = _mm256_mul_ps(int4_a8_dots(p + i * half + b / 2, xa, xb), xs);
-          sum[i] = _mm256_fmadd_ps(dots, _mm256_broadcast_ss(scales + i * G + g), sum[i]);
-        }
-      }
     for (; b + 64 <= K; b += 64) {  // lanes 0-3: inputs b..b+31 (group g0), lanes 4-7: b+32..b+63 (group g1)
       const int64_t g0 = b / gs, g1 = (b + 32) / gs;
       const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b));
       const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + 32));
-      const __m256 xs = _mm256_set_m128(_mm_set1_ps(s[g1]), _mm_set1_ps(s[g0]));
+      const __m256 xs = halves(s, g0, g1);
       for (int i = 0; i < kInt4Block; ++i) {
         const __m256 dots = _mm256_mul_ps(int4_a8_dots(p + i * half + b / 2, xa, xb), xs);
-        const float* sc = scales + i * G;
-        sum[i] = _mm256_fmadd_ps(dots, _mm256_set_m128(_mm_set1_ps(sc[g1]), _mm_set1_ps(sc[g0])), sum[i]);
-      }
-    }
-    if (b < K) {  // a last 32 inputs
-      const int64_t g = b / gs;
-      const __m128i low4h = _mm_set1_epi8(0x0F), onesh = _mm_set1_epi16(1);
-      const __m128i xa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b));
-      const __m128i xb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b + 16));
-      for (int i = 0; i < kInt4Block; ++i) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * half + b / 2));
-        const __m128i lo = _mm_and_si128(bytes, low4h), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4h);
-        const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, xa), _mm_maddubs_epi16(hi, xb));
-        const __m128 dots = _mm_cvtepi32_ps(_mm_madd_epi16(pairs, onesh));
-        const __m128 scaled = _mm_mul_ps(dots, _mm_set1_ps(s[g] * scales[i * G + g]));
-        sum[i] = _mm256_add_ps(sum[i], _mm256_insertf128_ps(_mm256_setzero_ps(), scaled, 0));
+        sum[i] = _mm256_fmadd_ps(dots, halves(scales + i * G, g0, g1), sum[i]);
       }
     }
     _mm_storeu_ps(out, hsum4(sum));
+    if (b < K)  // a last 32 inputs
+      for (int i = 0; i < kInt4Block; ++i)
+        out[i] += int4_a8_tail(q + b, s[b / gs], p + i * half + b / 2, scales[i * G + b / gs]);
     return;
   }
 #endif
@@ -390,6 +386,39 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
     }
     out[n - n0] = total;
   }
+}
+
+// out[m * ldo] = Σ_g scales[g] s[m, g] Σ_k q4[k] q[m, k] for Mr a8 input rows m (q: Mr rows of K, s: Mr rows of G,
+// from round_activations) and one output row (p, scales: its packed bytes and G scales): each weight vector is
+// unpacked once for all Mr rows. The zero points are applied by the caller.
+template <int Mr>
+inline void int4_a8_rows_m(const int8_t* q, const float* s, const uint8_t* p, const float* scales, float* out,
+                           int64_t K, int64_t G, int64_t ldo) {
+#ifdef LEANGPT_AVX2
+  const int64_t gs = K / G;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 sum[Mr];
+  for (int m = 0; m < Mr; ++m) sum[m] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 64 <= K; b += 64) {
+    const int64_t g0 = b / gs, g1 = (b + 32) / gs;
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b / 2));
+    const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+    const __m256 sw = halves(scales, g0, g1);
+    for (int m = 0; m < Mr; ++m) {
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + b));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + b + 32));
+      const __m256 dots = _mm256_mul_ps(int4_a8_dots(lo, hi, xa, xb), halves(s + m * G, g0, g1));
+      sum[m] = _mm256_fmadd_ps(dots, sw, sum[m]);
+    }
+  }
+  for (int m = 0; m < Mr; ++m) out[m * ldo] = hsum(sum[m]);
+  if (b < K)  // a last 32 inputs
+    for (int m = 0; m < Mr; ++m)
+      out[m * ldo] += int4_a8_tail(q + m * K + b, s[m * G + b / gs], p + b / 2, scales[b / gs]);
+#else
+  for (int m = 0; m < Mr; ++m) int4_a8_rows(q + m * K, s + m * G, p, scales, out + m * ldo, K, G, 0, 1);
+#endif
 }
 
 // w[(n - n0) * K + k] = W[n, k] for the rows n0:n1 of an int8 layer.
