@@ -449,6 +449,7 @@ def test_quantize_user_errors(quantized, tiny_checkpoint, tmp_path, capsys):
         ["--method", "gptq-int4", "--out", str(tmp_path / "a")],  # no calibration data
         ["--method", "int4", "--group-size", "7", "--out", str(tmp_path / "b")],
         ["--method", "int8", "--out", str(quantized["int8"])],  # exists
+        ["--method", "int8", "--activations", "int8", "--out", str(tmp_path / "d")],  # int4 only
     ]
     for argv in cases:
         code, _, err = run_cli(["quantize", "--model", str(tiny_checkpoint), *argv], capsys)

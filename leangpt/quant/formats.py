@@ -10,8 +10,9 @@ Schemes (one per checkpoint, named in leangpt.json):
 
 An int4 scheme may also round each product's inputs ("activations": "int8", `round_activations`): per group of
 the weight's groups, x ≈ round(x / s) · s with s = max |x| / 127, as llama.cpp's CPU dot products of Q4 weights
-do (Q8 activations). The products are then integer within a group, several times faster on a CPU, and every
-kernel computes the same function: the weight-only kernels from the rounded floats.
+do (Q8 activations). The products are then integer within a group (leangpt's C++ one-row kernel: a batch-1 decode
+step in 0.65-0.72x the time on a 2-core AVX2 EPYC), and every kernel computes the same function: the weight-only
+kernels from the rounded floats.
 
 Every kernel in leangpt.quant.kernels is tested against `dequantize()` followed by a plain matmul.
 """
@@ -49,7 +50,9 @@ class Scheme:
 
     @property
     def name(self) -> str:
-        return "int8" if self.bits == 8 else f"int4-g{self.group_size}" + ("-a8" if self.activations == "int8" else "")
+        if self.bits == 8:
+            return "int8"
+        return f"int4-g{self.group_size}" + ("-a8" if self.activations == "int8" else "")
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "activations": self.activations}

@@ -178,7 +178,8 @@ at::Tensor token_logprobs(const at::Tensor& logits, const at::Tensor& tokens) {
       i = 0;
 #ifdef LEANGPT_AVX2
       __m256 vsum = _mm256_setzero_ps();
-      for (; i + 8 <= V; i += 8) vsum = _mm256_add_ps(vsum, exp8(_mm256_sub_ps(_mm256_loadu_ps(r + i), _mm256_set1_ps(top))));
+      const __m256 vt = _mm256_set1_ps(top);
+      for (; i + 8 <= V; i += 8) vsum = _mm256_add_ps(vsum, exp8(_mm256_sub_ps(_mm256_loadu_ps(r + i), vt)));
       total = hsum(vsum);
 #endif
       for (; i < V; ++i) total += std::exp(r[i] - top);

@@ -233,7 +233,6 @@ struct Block {
 
 enum Mlp : int64_t { kGelu = 0, kSwiglu = 1, kRelu2 = 2 };
 
-
 float activation(int64_t mlp, float g, float f) {  // the MLP's hidden unit from its gate (SwiGLU) and fc outputs
   if (mlp == kSwiglu) return g / (1.f + std::exp(-g)) * f;
   if (mlp == kRelu2) return f > 0.f ? f * f : 0.f;
@@ -383,13 +382,12 @@ struct Decoder : torch::CustomClassHolder {
     Linear l;
     l.a8 = kind == kInt4A8;
     l.kind = l.a8 ? kInt4 : kind;
-    kind = l.kind;
     l.a = t[0].contiguous(), l.b = t[1].contiguous(), l.c = t[2].contiguous(), l.bias = t[3].contiguous();
-    if (kind == kInt4) l.szeros_t = l.c.t().contiguous();
+    if (l.kind == kInt4) l.szeros_t = l.c.t().contiguous();
     l.weights = l.a.data_ptr(), l.scales = floats(l.b), l.szeros = floats(l.c), l.szeros_by_group = floats(l.szeros_t);
     l.N = l.a.size(0);
-    l.K = kind == kInt4 ? l.a.size(1) * 2 : l.a.size(1);
-    if (kind == kInt4) {
+    l.K = l.kind == kInt4 ? l.a.size(1) * 2 : l.a.size(1);
+    if (l.kind == kInt4) {
       l.G = l.b.size(1);
       TORCH_CHECK(l.K % l.G == 0 && (l.K / l.G) % 32 == 0, "int4 groups must be a multiple of 32 inputs");
     }
