@@ -184,10 +184,10 @@ def test_int8_activations_of_int4_layers_equal_their_own_forward(group, options)
     model = quantized(tiny(**options), 4, group, activations="int8")
     assert unsupported(model) is None
     errors = position_errors(model)
-    assert sorted(errors)[len(errors) // 2] < 1e-5 and max(errors) < 0.03
-    for rows in (3, 8):  # several rows: the floats the integers stand for, by the float or dequantized products
+    assert sorted(errors)[len(errors) // 2] < 1e-4 and max(errors) < 0.03
+    for rows in (3, 7):  # several rows: integer products for groups of 4 and 2 input rows, then single rows
         errors = rows_errors(model, rows, every=True)
-        assert sorted(errors)[len(errors) // 2] < 1e-5 and max(errors) < 0.03
+        assert sorted(errors)[len(errors) // 2] < 1e-4 and max(errors) < 0.03
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -353,7 +353,7 @@ def test_int8_activations_are_the_default_for_int4_and_every_kernel_rounds_them(
         with torch.no_grad():
             y = model(x)
         errors = sorted(float(e) for e in ((y - ref).abs().amax(-1) / ref.abs().amax()).flatten())
-        assert errors[len(errors) // 2] <= max(TOLERANCE[kernel], 1e-5) and errors[-1] < 0.03, kernel
+        assert errors[len(errors) // 2] <= max(TOLERANCE[kernel], 1e-4) and errors[-1] < 0.03, kernel
         assert relative_error(plain, ref) > 10 * errors[len(errors) // 2]  # the rounding is there to be seen
 
 
