@@ -365,7 +365,7 @@ def test_native_integer_product_rounds_its_inputs_as_round_activations(group, gr
     gen = torch.Generator().manual_seed(group + groups)
     K = group * groups
     qw = quantize_rtn(torch.randn(37, K, generator=gen) * 0.05, Scheme(4, group, "int8"))  # 37: a partial block
-    x = torch.randn(5, K, generator=gen) * 3
+    x = torch.randn(7, K, generator=gen) * 3  # 7 rows: the C++ groups of 4, 2 and 1 rows
     x[1] = 0  # all-zero groups
     # a group on a grid of step 0.5 (max |x| = 63.5 = 127 · 0.5) with every other value halfway: ties to even
     x[2, :group] = (torch.arange(group) - group // 2) * 0.75

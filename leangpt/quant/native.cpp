@@ -53,14 +53,21 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return y;
 }
 
+void check_int4(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                const at::Tensor& szeros) {
+  check_inputs(x, packed, packed.size(1) * 2);
+  const int64_t K = x.size(1), G = scales.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+                  szeros.scalar_type() == at::kFloat && scales.sizes() == szeros.sizes() &&
+                  scales.size(0) == packed.size(0) && G > 0 && K % G == 0 && (K / G) % 32 == 0 &&
+                  scales.is_contiguous() && szeros.is_contiguous(),
+              op, " needs packed uint8 (N, K/2), float scales and szeros (N, G), groups a multiple of 32");
+}
+
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                      const at::Tensor& szeros) {
-  check_inputs(x, packed, packed.size(1) * 2);
+  check_int4("int4_gemv", x, packed, scales, szeros);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = scales.size(1);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
-                  szeros.scalar_type() == at::kFloat && scales.sizes() == szeros.sizes() && scales.size(0) == N &&
-                  G > 0 && K % G == 0 && (K / G) % 32 == 0 && scales.is_contiguous() && szeros.is_contiguous(),
-              "int4_gemv needs packed uint8 (N, K/2), float scales and szeros (N, G), groups a multiple of 32");
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *zp = szeros.data_ptr<float>();
   std::vector<float> xs(M * G, 0.f);  // Σ x per group, for the zero points
   for (int64_t m = 0; m < M; ++m)
@@ -93,12 +100,8 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
 // integer products. Rows already rounded (by leangpt.quant.formats.round_activations) round to themselves.
 at::Tensor int4_a8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                         const at::Tensor& szeros) {
-  check_inputs(x, packed, packed.size(1) * 2);
+  check_int4("int4_a8_gemv", x, packed, scales, szeros);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = scales.size(1);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
-                  szeros.scalar_type() == at::kFloat && scales.sizes() == szeros.sizes() && scales.size(0) == N &&
-                  G > 0 && K % G == 0 && (K / G) % 32 == 0 && scales.is_contiguous() && szeros.is_contiguous(),
-              "int4_a8_gemv needs packed uint8 (N, K/2), float scales and szeros (N, G), groups a multiple of 32");
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *zp = szeros.data_ptr<float>();
   std::vector<int8_t> q(M * K);
   std::vector<float> xs(M * G), sums(M * G);
@@ -108,13 +111,24 @@ at::Tensor int4_a8_gemv(const at::Tensor& x, const at::Tensor& packed, const at:
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (N + kInt4Block - 1) / kInt4Block;
+  const int8_t* qp = q.data();
+  const float* xsp = xs.data();
   at::parallel_for(0, blocks, std::max<int64_t>(1, 4 * kWorkPerTask / (K * kInt4Block)), [&](int64_t b0, int64_t b1) {
-    for (int64_t m = 0; m < M; ++m)
+    const int64_t n0 = b0 * kInt4Block, n1 = std::min(N, b1 * kInt4Block), bytes = K / 2;
+    int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
+    for (; m + 4 <= M; m += 4)
+      for (int64_t n = n0; n < n1; ++n)
+        int4_a8_rows_m<4>(qp + m * K, xsp + m * G, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+    for (; m + 2 <= M; m += 2)
+      for (int64_t n = n0; n < n1; ++n)
+        int4_a8_rows_m<2>(qp + m * K, xsp + m * G, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+    for (; m < M; ++m)
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kInt4Block, r1 = std::min(N, r0 + kInt4Block), bytes = K / 2;
-        int4_a8_rows(q.data() + m * K, xs.data() + m * G, pp + r0 * bytes, sp + r0 * G, yp + m * N + r0, K, G, r0, r1);
-        for (int64_t n = r0; n < r1; ++n) yp[m * N + n] -= dot(zp + n * G, sums.data() + m * G, G);
+        const int64_t r0 = b * kInt4Block, r1 = std::min(N, r0 + kInt4Block);
+        int4_a8_rows(qp + m * K, xsp + m * G, pp + r0 * bytes, sp + r0 * G, yp + m * N + r0, K, G, r0, r1);
       }
+    for (m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) yp[m * N + n] -= dot(zp + n * G, sums.data() + m * G, G);
   });
   return y;
 }

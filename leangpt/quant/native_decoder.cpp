@@ -364,6 +364,7 @@ struct Decoder : torch::CustomClassHolder {
   int64_t rows = 0, q_width = 0, att_width = 0, mlp_width = 0;
   std::vector<float> x, qkv, att, hidden, gate_out, fc_out, out;
   int64_t normed = 0, groups = 1;  // groups: the most int4 groups of a layer (each thread's Σ x per group)
+  bool a8 = false;                  // some layer rounds its inputs (each thread's rounded rows)
 
   Decoder(int64_t n_embd, int64_t head_dim, int64_t mlp, double softcap, at::Tensor rope_cos, at::Tensor rope_sin)
       : n_embd(n_embd), head_dim(head_dim), mlp(mlp), softcap(softcap), rope_cos(rope_cos), rope_sin(rope_sin) {}
@@ -448,8 +449,9 @@ struct Decoder : torch::CustomClassHolder {
   }
 
   void size_buffers() {
-    normed = std::max(n_embd, head.K), groups = head.G;
+    normed = std::max(n_embd, head.K), groups = head.G, a8 = head.a8;
     for (const Block& b : blocks) {
+      a8 = a8 || b.qkv.a8 || b.proj.a8 || b.gate.a8 || b.fc.a8 || b.down.a8;
       normed = std::max({normed, b.qkv.K, b.fc.K, b.gate.K});
       q_width = std::max(q_width, b.qkv.N);
       att_width = std::max(att_width, b.proj.K);
@@ -465,7 +467,7 @@ struct Decoder : torch::CustomClassHolder {
     Scratch s;
     s.sums.resize(M * groups);
     s.tile.resize(M >= kDequantRows ? kRowAlign * widest : 0);
-    s.xq.resize(M * widest), s.xscales.resize(M * groups);
+    if (a8) s.xq.resize(M * widest), s.xscales.resize(M * groups);
     return s;
   }
 

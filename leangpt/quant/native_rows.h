@@ -318,10 +318,16 @@ inline __m256 int4_a8_dots(__m256i lo, __m256i hi, __m256i xa, __m256i xb) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-inline __m256 int4_a8_dots(const uint8_t* p, __m256i xa, __m256i xb) {  // from the packed bytes
+inline void nibbles(const uint8_t* p, __m256i& lo, __m256i& hi) {  // 32 packed bytes' low and high nibbles
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return int4_a8_dots(_mm256_and_si256(bytes, low4), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), xa, xb);
+  lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+}
+
+inline __m256 int4_a8_dots(const uint8_t* p, __m256i xa, __m256i xb) {  // from the packed bytes
+  __m256i lo, hi;
+  nibbles(p, lo, hi);
+  return int4_a8_dots(lo, hi, xa, xb);
 }
 
 // Two floats of a 64-input step as lanes 0-3 and 4-7: one of group g0's, one of g1's (the same group from 64
@@ -396,14 +402,13 @@ inline void int4_a8_rows_m(const int8_t* q, const float* s, const uint8_t* p, co
                            int64_t K, int64_t G, int64_t ldo) {
 #ifdef LEANGPT_AVX2
   const int64_t gs = K / G;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 sum[Mr];
   for (int m = 0; m < Mr; ++m) sum[m] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 64 <= K; b += 64) {
     const int64_t g0 = b / gs, g1 = (b + 32) / gs;
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b / 2));
-    const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+    __m256i lo, hi;
+    nibbles(p + b / 2, lo, hi);
     const __m256 sw = halves(scales, g0, g1);
     for (int m = 0; m < Mr; ++m) {
       const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + b));
