@@ -26,10 +26,11 @@ def _tensor(t: torch.Tensor | None) -> torch.Tensor:
 
 def _linear(module: nn.Module) -> tuple[int, list[torch.Tensor]]:
     """The C++ kind of a linear layer and its four tensors; ValueError if it has no C++ product."""
-    if isinstance(module, NativeInt8Linear):
-        return 1, [module.q, module.qscales, _NONE, _tensor(module.bias)]
+    if isinstance(module, NativeInt8Linear):  # kinds 4 and 3: int8-rounded inputs, integer products
+        kind = 4 if module.scheme.activations == "int8" else 1
+        return kind, [module.q, module.qscales, _NONE, _tensor(module.bias)]
     if isinstance(module, NativeInt4Linear):
-        kind = 3 if module.scheme.activations == "int8" else 2  # int8-rounded inputs: the integer product
+        kind = 3 if module.scheme.activations == "int8" else 2
         return kind, [module.packed, module.qscales, module.szeros, _tensor(module.bias)]
     if type(module) in (nn.Linear, DecodeLinear) and module.weight.dtype == torch.float32 \
             and module.weight.is_contiguous():

@@ -1,5 +1,5 @@
 """`leangpt quantize`: int8 / int4 quantization of a checkpoint's weights, round-to-nearest or GPTQ; int4 products
-round their inputs to int8 by default (formats.round_activations)."""
+round their inputs to int8 by default, int8 products on request (formats.round_activations)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ class QuantizeSettings:
     method: str | None = setting(None, "int8 / int4: round-to-nearest; gptq-int8 / gptq-int4: GPTQ with calibration data",
                                  choices=list(METHODS), required=True)
     group_size: int = setting(64, "int4: input columns sharing one scale and zero point (32, 64, 128 are usual)")
-    activations: str | None = setting(None, "int4: what each product's inputs are: int8 (rounded per group of inputs "
-                                            "at every product, as llama.cpp's CPU Q4 dot products do: integer "
-                                            "products, and no measurable loss on the pipeline's model) or float "
+    activations: str | None = setting(None, "what each product's inputs are: int8 (rounded at every product, int4 "
+                                            "per group of inputs as llama.cpp's CPU Q4 dot products do, int8 per "
+                                            "input row as dynamic per-token w8a8: integer products) or float "
                                             "(default: int8 for int4, float for int8)", choices=["int8", "float"])
     calib_data: Path | None = setting(None, "GPTQ: dataset directory (from `leangpt prepare`) to calibrate on")
     calib_samples: int = setting(128, "GPTQ: calibration windows")

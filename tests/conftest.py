@@ -36,6 +36,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=[True, False], ids=["vnni", "avx2"])
+def products(request):
+    """The int8-activation C++ products by VNNI's byte dot product and by AVX2's, where the build has VNNI;
+    elsewhere AVX2's only."""
+    from leangpt.quant import native
+
+    if not native.available():
+        pytest.skip("leangpt's C++ kernels cannot be built here")
+    if native.set_vnni(request.param) != request.param:
+        pytest.skip("no VNNI products in this build")
+    yield request.param
+    native.set_vnni(True)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "texts")

@@ -275,6 +275,7 @@ def quantized(tmp_path_factory, tiny_checkpoint, dataset_dir):
                   "--calib-samples", "16", "--calib-seq-len", "64", "--activations", "float"],
         "gptq4a8": ["--method", "gptq-int4", "--group-size", "32", "--calib-data", str(dataset_dir),
                     "--calib-samples", "16", "--calib-seq-len", "64"],  # the default: int8 activations
+        "int8a8": ["--method", "int8", "--activations", "int8"],  # w8a8: each input row rounded to int8
     }.items():
         from leangpt.quantize import main
         assert main(["--model", str(tiny_checkpoint), "--out", str(root / name), *argv]) == 0
@@ -327,29 +328,31 @@ def test_round_trip_and_greedy_text_equal_dequantized_twin(quantized, tiny_check
             assert list(generate_ids(model, prompt, 24, greedy)) == ref_text, kernel
 
 
+@pytest.mark.parametrize("which,scheme", [("gptq4a8", Scheme(4, 32, "int8")), ("int8a8", Scheme(8, None, "int8"))])
 def test_int8_activations_are_the_default_for_int4_and_every_kernel_rounds_them(quantized, tiny_checkpoint,
-                                                                                 monkeypatch):
-    """An int4 checkpoint made without --activations rounds each product's inputs to int8 per group. Every
-    kernel computes that function: the dequantized twin with its layers' inputs rounded by round_activations.
-    Where float rounding tips an input across a rounding boundary the outputs differ by one step of that
-    group's grid, so the check is on the typical position, and on all of them loosely."""
-    meta = json.loads((quantized["gptq4a8"] / "leangpt.json").read_text())["quantization"]
-    assert meta["scheme"] == {"bits": 4, "group_size": 32, "activations": "int8"}
-    assert meta["scheme_name"] == "int4-g32-a8"
-    twin = dequantized_twin(tiny_checkpoint, quantized["gptq4a8"])
+                                                                                 monkeypatch, which, scheme):
+    """An int4 checkpoint made without --activations rounds each product's inputs to int8 per group, an int8 one
+    made with `--activations int8` per input row. Every kernel computes that function: the dequantized twin
+    with its layers' inputs rounded by round_activations. Where float rounding tips an input across a rounding
+    boundary the outputs differ by one step of that grid, so the check is on the typical position, and on all
+    of them loosely."""
+    meta = json.loads((quantized[which] / "leangpt.json").read_text())["quantization"]
+    assert meta["scheme"] == scheme.to_dict() and meta["scheme_name"] == scheme.name
+    twin = dequantized_twin(tiny_checkpoint, quantized[which])
     for name in meta["layers"]:
-        twin.get_submodule(name).register_forward_pre_hook(lambda _, args: (round_activations(args[0], 32),))
+        group = scheme.activation_group(twin.get_submodule(name).in_features)
+        twin.get_submodule(name).register_forward_pre_hook(
+            lambda _, args, group=group: (round_activations(args[0], group),))
     x = torch.randint(0, twin.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = twin(x)
-        plain = dequantized_twin(tiny_checkpoint, quantized["gptq4a8"])(x)  # float activations
-    scheme = Scheme(4, 32, "int8")
+        plain = dequantized_twin(tiny_checkpoint, quantized[which])(x)  # float activations
     vocab = twin.config.vocab_size
     for kernel in sorted(set(candidates(scheme, CPU, 64, 64)) & set(candidates(scheme, CPU, vocab, 64))):
         if KERNELS[kernel].quantizes_activations:
             continue  # its own (7-bit) activation rounding on top
         monkeypatch.setenv("LEANGPT_QUANT_KERNEL", kernel)
-        model = load_model(quantized["gptq4a8"])
+        model = load_model(quantized[which])
         with torch.no_grad():
             y = model(x)
         errors = sorted(float(e) for e in ((y - ref).abs().amax(-1) / ref.abs().amax()).flatten())
@@ -377,6 +380,25 @@ def test_native_integer_product_rounds_its_inputs_as_round_activations(group, gr
     assert relative_error(module(x), ref) < 1e-5
 
 
+@pytest.mark.parametrize("K", [32, 256, 704, 40, 7])  # 40, 7: inputs past the whole 32s
+def test_native_int8_product_rounds_each_row_as_round_activations(K, products):
+    gen = torch.Generator().manual_seed(K)
+    qw = quantize_rtn(torch.randn(37, K, generator=gen) * 0.05, Scheme(8, None, "int8"))  # 37: a partial block
+    x = torch.randn(7, K, generator=gen) * 3  # 7 rows: the C++ groups of 4, 2 and 1 rows
+    x[1] = 0  # an all-zero row
+    x[2] = (torch.arange(K) - K // 2) * 0.75  # a grid of step 0.5 (max |x| = 63.5 = 127 · 0.5): ties to even
+    x[2, -1] = 63.5
+    module = KERNELS["native-int8"](qw, None, CPU)
+    y = torch.ops.leangpt_native.int8_a8_gemv(x, module.q, module.qscales)  # x as it is: the C++ rounds it
+    # the exact integer product of the rounded row, times its two scales
+    s = x.abs().amax(1, keepdim=True) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    exact = (torch.round(x / s).double() @ qw.qweight.double().T) * s.double() * qw.scales.double()
+    assert relative_error(y, exact.float()) < 1e-6
+    ref = KERNELS["reference"](qw, None, CPU)(x)  # rounds x by round_activations, then dequantize-then-matmul
+    assert relative_error(module(x), ref) < 1e-5 and relative_error(y, ref) < 1e-5
+
+
 def test_rounded_activations():
     x = torch.tensor([[0.0] * 4 + [1.0, -2.54, 0.3, 127.0 / 127 * 2.54], [0.0] * 8])
     y = round_activations(x, 4)
@@ -385,8 +407,8 @@ def test_rounded_activations():
     assert torch.allclose(y[0, 4:], torch.round(x[0, 4:] / s) * s) and y.dtype == x.dtype
     assert torch.equal(round_activations(y, 4), y)  # rounded values round to themselves
     assert round_activations(torch.randn(3, 7), 4).shape == (3, 7)  # a shorter last group
-    with pytest.raises(UserError, match="int4 weights"):
-        Scheme(8, None, "int8")
+    assert Scheme(8, None, "int8").name == "int8-a8" and Scheme(8, None, "int8").activation_group(40) == 40
+    assert Scheme(4, 32, "int8").activation_group(40) == 32
 
 
 @pytest.mark.parametrize("which,kernel", [("int8", "native-int8"), ("gptq4", "native-int4")])
@@ -449,7 +471,6 @@ def test_quantize_user_errors(quantized, tiny_checkpoint, tmp_path, capsys):
         ["--method", "gptq-int4", "--out", str(tmp_path / "a")],  # no calibration data
         ["--method", "int4", "--group-size", "7", "--out", str(tmp_path / "b")],
         ["--method", "int8", "--out", str(quantized["int8"])],  # exists
-        ["--method", "int8", "--activations", "int8", "--out", str(tmp_path / "d")],  # int4 only
     ]
     for argv in cases:
         code, _, err = run_cli(["quantize", "--model", str(tiny_checkpoint), *argv], capsys)

@@ -12,7 +12,9 @@ An int4 scheme may also round each product's inputs ("activations": "int8", `rou
 the weight's groups, x ≈ round(x / s) · s with s = max |x| / 127, as llama.cpp's CPU dot products of Q4 weights
 do (Q8 activations). The products are then integer within a group (leangpt's C++ one-row kernel: a batch-1 decode
 step in 0.65-0.72x the time on a 2-core AVX2 EPYC), and every kernel computes the same function: the weight-only
-kernels from the rounded floats.
+kernels from the rounded floats. An int8 scheme's "int8" activations ("int8-a8", w8a8) are rounded with one scale
+per input row (each token's vector), as torchao's and SmoothQuant's dynamic per-token int8: the C++ products are
+then integer over the whole row (VNNI's byte dot product where the CPU has it).
 
 Every kernel in leangpt.quant.kernels is tested against `dequantize()` followed by a plain matmul.
 """
@@ -34,7 +36,7 @@ ACTIVATIONS = ("float", "int8")
 class Scheme:
     bits: int  # 8 or 4
     group_size: int | None = None  # int4 only
-    activations: str = "float"  # "int8": int4 products round their inputs per group (round_activations)
+    activations: str = "float"  # "int8": products round their inputs (round_activations, activation_group)
 
     def __post_init__(self) -> None:
         if self.bits == 8 and self.group_size is not None:
@@ -45,14 +47,15 @@ class Scheme:
             raise UserError(f"bits must be 4 or 8, got {self.bits}")
         if self.activations not in ACTIVATIONS:
             raise UserError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
-        if self.activations == "int8" and self.bits != 4:
-            raise UserError("int8 activations apply to int4 weights (rounded per weight group) only")
 
     @property
     def name(self) -> str:
-        if self.bits == 8:
-            return "int8"
-        return f"int4-g{self.group_size}" + ("-a8" if self.activations == "int8" else "")
+        a8 = "-a8" if self.activations == "int8" else ""
+        return "int8" + a8 if self.bits == 8 else f"int4-g{self.group_size}{a8}"
+
+    def activation_group(self, in_features: int) -> int:
+        """Inputs that share one int8 scale when activations are int8: int4's weight group, int8's whole row."""
+        return self.group_size if self.bits == 4 else in_features
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "activations": self.activations}

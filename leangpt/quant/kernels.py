@@ -51,7 +51,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.scheme.activations == "int8":
-            x = round_activations(x, self.scheme.group_size)
+            x = round_activations(x, self.scheme.activation_group(self.in_features))
         y = self.matmul(x.reshape(-1, shape[-1]))  # (N, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -432,8 +432,8 @@ class NativeLinear(QuantLinear):
     """Base of the kernels in leangpt's own C++ (native.cpp, built once per machine for its instruction set):
     up to `gemv_rows` rows of activations take a product that reads the stored integers at their width and
     converts them in registers, once for every four rows; more rows dequantize the layer once per call, then
-    matmul. Float activations and accumulation: dequantize-then-matmul up to float rounding (an a8 int4 layer's
-    rows, rounded by QuantLinear.forward, take the integer product int4_a8_gemv). Inside a compiled
+    matmul. Float activations and accumulation: dequantize-then-matmul up to float rounding (an a8 layer's rows,
+    rounded by QuantLinear.forward, take the integer products int4_a8_gemv / int8_a8_gemv). Inside a compiled
     model the operators are called from the compiled graph."""
 
     gemv_rows = GEMV_ROWS
@@ -454,8 +454,9 @@ class NativeLinear(QuantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xf, ops = float_input(x, self.in_pad), torch.ops.leangpt_native
         if xf.shape[0] <= self.gemv_rows:
-            gemv = ops.int8_gemv if self.scheme.bits == 8 else (
-                ops.int4_a8_gemv if self.scheme.activations == "int8" else ops.int4_gemv)
+            a8 = self.scheme.activations == "int8"
+            gemv = (ops.int8_a8_gemv if a8 else ops.int8_gemv) if self.scheme.bits == 8 else (
+                ops.int4_a8_gemv if a8 else ops.int4_gemv)
             y = gemv(xf, *self.weights())
         else:
             y = F.linear(xf, (ops.int8_dequant if self.scheme.bits == 8 else ops.int4_dequant)(*self.weights()))

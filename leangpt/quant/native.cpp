@@ -27,10 +27,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t k_of_w) {
   TORCH_CHECK(x.size(1) == k_of_w, "x has ", x.size(1), " inputs, the weight ", k_of_w);
 }
 
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+void check_int8(const char* op, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   check_inputs(x, q, q.size(1));
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.numel() == q.size(0),
-              "int8_gemv needs int8 q (N, K) and float scales (N,)");
+              op, " needs int8 q (N, K) and float scales (N,)");
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  check_int8("int8_gemv", x, q, scales);
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto y = at::empty({M, N}, x.options());
   const float *xp = x.data_ptr<float>(), *sp = scales.contiguous().data_ptr<float>();
@@ -133,6 +137,47 @@ at::Tensor int4_a8_gemv(const at::Tensor& x, const at::Tensor& packed, const at:
   return y;
 }
 
+// int8_gemv with each input row rounded to int8 with one scale (int8-a8: native_rows.h, round_row) and integer
+// products. Rows already rounded (by leangpt.quant.formats.round_activations) round to themselves.
+at::Tensor int8_a8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  check_int8("int8_a8_gemv", x, q, scales);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const float* xp = x.data_ptr<float>();
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M);
+  std::vector<int32_t> sum32(M);
+  for (int64_t m = 0; m < M; ++m) xs[m] = round_row(xp + m * K, K, xq.data() + m * K, sum32.data() + m);
+  auto y = at::empty({M, N}, x.options());
+  const float* sp = scales.contiguous().data_ptr<float>();
+  const int8_t *qp = q.data_ptr<int8_t>(), *xqp = xq.data();
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (N + kInt8Block - 1) / kInt8Block;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 2 * kWorkPerTask / (K * kInt8Block)), [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kInt8Block, n1 = std::min(N, b1 * kInt8Block);
+    with_vnni([&](auto vnni) {
+      constexpr bool V = decltype(vnni)::value;
+      int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
+      for (; m + 4 <= M; m += 4)
+        for (int64_t n = n0; n < n1; n += 2)
+          int8_a8_rows_m<4, V>(xqp + m * K, K, &xs[m], &sum32[m], qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+      for (; m + 2 <= M; m += 2)
+        for (int64_t n = n0; n < n1; n += 2)
+          int8_a8_rows_m<2, V>(xqp + m * K, K, &xs[m], &sum32[m], qp, sp, yp + m * N, K, N, n, std::min(n1, n + 2));
+      for (; m < M; ++m)
+        for (int64_t n = n0; n < n1; n += kInt8Block)
+          int8_a8_rows<V>(xqp + m * K, xs[m], sum32[m], qp, sp, yp + m * N, K, n, std::min(n1, n + kInt8Block));
+    });
+  });
+  return y;
+}
+
+// Switches the int8-activation products between VNNI and AVX2 (the tests check both on a VNNI machine); returns
+// whether VNNI's run now (false where the build has no VNNI).
+bool set_vnni(bool on) {
+  vnni_on() = on && kVnni;
+  return vnni_on();
+}
+
 // The float (N, K) weights, for inputs of many rows (prefill, eval): dequantize once, then one matmul.
 at::Tensor int8_dequant(const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8 (N, K)");
@@ -209,6 +254,8 @@ TORCH_LIBRARY(leangpt_native, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
   m.def("int4_a8_gemv(Tensor x, Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
+  m.def("int8_a8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("set_vnni(bool on) -> bool", &set_vnni);  // no tensors: one kernel for every dispatch key
   m.def("int8_dequant(Tensor q, Tensor scales) -> Tensor");
   m.def("token_logprobs(Tensor logits, Tensor tokens) -> Tensor");
   m.def("int4_dequant(Tensor packed, Tensor scales, Tensor szeros) -> Tensor");
@@ -218,6 +265,7 @@ TORCH_LIBRARY_IMPL(leangpt_native, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_a8_gemv", &int4_a8_gemv);
+  m.impl("int8_a8_gemv", &int8_a8_gemv);
   m.impl("int8_dequant", &int8_dequant);
   m.impl("token_logprobs", &token_logprobs);
   m.impl("int4_dequant", &int4_dequant);

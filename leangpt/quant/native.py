@@ -59,6 +59,12 @@ def available() -> bool:
     return _loaded
 
 
+def set_vnni(on: bool) -> bool:
+    """Switches the int8-activation products between VNNI's byte dot product and AVX2's (for tests on a VNNI
+    machine); returns whether VNNI's run now: False where the build has none."""
+    return available() and torch.ops.leangpt_native.set_vnni(on)
+
+
 def _register_fakes() -> None:
     """Output shapes for torch.compile's tracing, which calls the operators inside compiled decode steps."""
     lib = "leangpt_native::"
@@ -74,6 +80,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "int4_a8_gemv")
     def _(x, packed, scales, szeros):
         return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake(lib + "int8_a8_gemv")
+    def _(x, q, scales):
+        return x.new_empty(x.shape[0], q.shape[0])
 
     @torch.library.register_fake(lib + "int8_dequant")
     def _(q, scales):

@@ -9,8 +9,8 @@
 //
 // leangpt/native_decode.py builds a Decoder from a model (float, int8 and int4 linear layers; the GPT-2,
 // llama, Qwen3 and nanochat options of leangpt/model.py); the model's own prefill fills the KV cache that the
-// step then reads and extends. Float32 throughout (int4-a8 layers: integer products of the inputs rounded as the
-// layers round them): equal to the model's forward up to float rounding.
+// step then reads and extends. Float32 throughout (a8 layers: integer products of the inputs rounded as the layers
+// round them): equal to the model's forward up to float rounding.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -77,8 +77,9 @@ struct Norm {
   }
 };
 
-// kInt4A8: int4 weights whose products round their inputs to int8 per group (native_rows.h, a8).
-enum Kind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kInt4A8 = 3 };
+// kInt4A8 / kInt8A8: int4 / int8 weights whose products round their inputs to int8, per group / per row
+// (native_rows.h, round_activations / round_row).
+enum Kind : int64_t { kFloat = 0, kInt8 = 1, kInt4 = 2, kInt4A8 = 3, kInt8A8 = 4 };
 
 constexpr int64_t kRowAlign = 8;  // a multiple of every row block
 // Outputs per tile of a several-row product: a tile's weights (16-64 KB for these models' widths) stay in the L2
@@ -90,15 +91,16 @@ constexpr int64_t kTile = 64;
 constexpr int64_t kDequantRows = 8;
 
 // A thread's scratch for the products: Σ x per int4 group (the zero points), a dequantized tile of weights, and
-// an a8 layer's rounded inputs (each row's integers and group scales).
+// an a8 layer's rounded inputs (each row's integers, group scales and, for int8, Σ of its integers).
 struct Scratch {
   std::vector<float> sums, tile, xscales;
   std::vector<int8_t> xq;
+  std::vector<int32_t> xsums;
 };
 
 struct Linear {
   int64_t kind = kFloat, N = 0, K = 0, G = 1;  // K: stored inputs (int4: padded to whole groups, zero inputs)
-  bool a8 = false;                              // int4 with int8-rounded inputs (kInt4A8)
+  bool a8 = false;                              // int8-rounded inputs (kInt4A8, kInt8A8)
   at::Tensor a, b, c, bias;                     // float: weight; int8: q, scales; int4: packed, scales, szeros
   at::Tensor szeros_t;                          // int4: szeros (G, N), each group's zero points of the rows in a row
   // Their data, read once: data_ptr checks its tensor on every call, and the kernels are called per 8 outputs.
@@ -148,6 +150,7 @@ struct Linear {
   // rows() of an a8 layer: each input row rounded to int8 (round_activations), then integer products.
   void a8_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
                Scratch& s) const {
+    if (kind == kInt8) return int8_a8_all_rows(x, ldx, y, ldy, M, n0, n1, s);
     int8_t* q = s.xq.data();
     float *xs = s.xscales.data(), *sums = s.sums.data();
     for (int64_t m = 0; m < M; ++m) round_activations(x + m * ldx, K, G, q + m * K, xs + m * G, sums + m * G);
@@ -167,6 +170,36 @@ struct Linear {
                        std::min(t1, n + kInt4Block));
     }
     finish(y, ldy, M, n0, n1, sums);
+  }
+
+  // a8_rows() of an int8 layer: each input row rounded to int8 with one scale (round_row), then for each tile
+  // of outputs four rows at a time, then two, then one.
+  void int8_a8_all_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
+                        Scratch& s) const {
+    int8_t* q = s.xq.data();
+    float* xs = s.xscales.data();
+    int32_t* sum32 = s.xsums.data();
+    for (int64_t m = 0; m < M; ++m) xs[m] = round_row(x + m * ldx, K, q + m * K, sum32 + m);
+    const int8_t* wq = w<int8_t>();
+    with_vnni([&](auto vnni) {
+      constexpr bool V = decltype(vnni)::value;
+      for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+        const int64_t t1 = std::min(n1, t0 + kTile);
+        int64_t m = 0;
+        for (; M > 1 && m + 4 <= M; m += 4)
+          for (int64_t n = t0; n < t1; n += 2)
+            int8_a8_rows_m<4, V>(q + m * K, K, xs + m, sum32 + m, wq, scales, y + m * ldy, K, ldy, n,
+                                 std::min(t1, n + 2));
+        for (; M > 1 && m + 2 <= M; m += 2)
+          for (int64_t n = t0; n < t1; n += 2)
+            int8_a8_rows_m<2, V>(q + m * K, K, xs + m, sum32 + m, wq, scales, y + m * ldy, K, ldy, n,
+                                 std::min(t1, n + 2));
+        for (; m < M; ++m)
+          for (int64_t n = t0; n < t1; n += kInt8Block)
+            int8_a8_rows<V>(q + m * K, xs[m], sum32[m], wq, scales, y + m * ldy, K, n, std::min(t1, n + kInt8Block));
+      }
+    });
+    finish(y, ldy, M, n0, n1, nullptr);
   }
 
   void finish(float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, const float* sums) const {  // zeros, bias
@@ -379,10 +412,10 @@ struct Decoder : torch::CustomClassHolder {
   }
 
   static Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t) {  // t: a, b, c, bias
-    TORCH_CHECK(t.size() == 4 && kind >= kFloat && kind <= kInt4A8, "a linear layer is a kind and four tensors");
+    TORCH_CHECK(t.size() == 4 && kind >= kFloat && kind <= kInt8A8, "a linear layer is a kind and four tensors");
     Linear l;
-    l.a8 = kind == kInt4A8;
-    l.kind = l.a8 ? kInt4 : kind;
+    l.a8 = kind == kInt4A8 || kind == kInt8A8;
+    l.kind = kind == kInt4A8 ? kInt4 : kind == kInt8A8 ? kInt8 : kind;
     l.a = t[0].contiguous(), l.b = t[1].contiguous(), l.c = t[2].contiguous(), l.bias = t[3].contiguous();
     if (l.kind == kInt4) l.szeros_t = l.c.t().contiguous();
     l.weights = l.a.data_ptr(), l.scales = floats(l.b), l.szeros = floats(l.c), l.szeros_by_group = floats(l.szeros_t);
@@ -467,7 +500,7 @@ struct Decoder : torch::CustomClassHolder {
     Scratch s;
     s.sums.resize(M * groups);
     s.tile.resize(M >= kDequantRows ? kRowAlign * widest : 0);
-    if (a8) s.xq.resize(M * widest), s.xscales.resize(M * groups);
+    if (a8) s.xq.resize(M * widest), s.xscales.resize(M * groups), s.xsums.resize(M);
     return s;
   }
 

@@ -13,10 +13,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LEANGPT_AVX2 1
+#endif
+// VNNI's byte dot product (unsigned times signed bytes, four products a 32-bit lane, added in 32 bits): AVX-512
+// VNNI on 256-bit vectors, or AVX-VNNI. The int8-activation products take it where the build has it.
+#if defined(LEANGPT_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LEANGPT_VNNI 1
+#define LEANGPT_DPBUSD _mm256_dpbusd_epi32
+#elif defined(LEANGPT_AVX2) && defined(__AVXVNNI__)
+#define LEANGPT_VNNI 1
+#define LEANGPT_DPBUSD _mm256_dpbusd_avx_epi32
 #endif
 
 namespace leangpt {
@@ -262,44 +272,58 @@ inline int64_t a8_position(int64_t k, int64_t K) {  // where input k's integer i
   return c + (r < 32 ? r + 16 : r - 16);
 }
 
+// The largest |x| of x[0:n].
+inline float absmax(const float* x, int64_t n) {
+  float top = 0.f;
+  int64_t i = 0;
+#ifdef LEANGPT_AVX2
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 vtop = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) vtop = _mm256_max_ps(vtop, _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(vtop), _mm256_extractf128_ps(vtop, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  top = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+#endif
+  for (; i < n; ++i) top = std::max(top, std::fabs(x[i]));
+  return top;
+}
+
+#ifdef LEANGPT_AVX2
+// x[0:32] / scale rounded (ties to even) as 32 bytes in input order; the rounded values are added to vsum.
+inline __m256i round32(const float* x, __m256 scale, __m256& vsum) {
+  __m256i i32[4];
+  for (int j = 0; j < 4; ++j) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + 8 * j), scale),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vsum = _mm256_add_ps(vsum, r);
+    i32[j] = _mm256_cvtps_epi32(r);
+  }
+  // packs work within 128-bit lanes: the permutation puts the 32 bytes back in input order
+  return _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3])),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+#endif
+
 // Rounds one input row x[0:K] (K a multiple of 32, groups of K / G inputs) as above: q (K, in the product's
 // order), s and sums (G).
 inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, float* s, float* sums) {
   const int64_t gs = K / G;
   for (int64_t g = 0; g < G; ++g) {
     const float* xg = x + g * gs;
+    const float top = absmax(xg, gs), scale = top > 0.f ? top / 127.f : 1.f;
+    float total = 0.f;
     int64_t k = 0;
-    float top = 0.f, total = 0.f;
 #ifdef LEANGPT_AVX2
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    __m256 vtop = _mm256_setzero_ps();
-    for (int64_t i = 0; i < gs; i += 8) vtop = _mm256_max_ps(vtop, _mm256_and_ps(_mm256_loadu_ps(xg + i), abs_mask));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vtop), _mm256_extractf128_ps(vtop, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    top = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-    const float scale = top > 0.f ? top / 127.f : 1.f;
     const __m256 vs = _mm256_set1_ps(scale);
     __m256 vsum = _mm256_setzero_ps();
-    for (; k < gs; k += 32) {
-      __m256i i32[4];
-      for (int j = 0; j < 4; ++j) {
-        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k + 8 * j), vs),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        vsum = _mm256_add_ps(vsum, r);
-        i32[j] = _mm256_cvtps_epi32(r);
-      }
-      // packs work within 128-bit lanes: the permutation puts the 32 bytes back in input order
-      const __m256i bytes = _mm256_permutevar8x32_epi32(
-          _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3])),
-          _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    for (; k + 32 <= gs; k += 32) {
+      const __m256i bytes = round32(xg + k, vs, vsum);
       const int64_t at = g * gs + k;  // 16 inputs each side stay together in the product's order
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + a8_position(at, K)), _mm256_castsi256_si128(bytes));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + a8_position(at + 16, K)), _mm256_extracti128_si256(bytes, 1));
     }
     total = hsum(vsum);
-#else
-    for (int64_t i = 0; i < gs; ++i) top = std::max(top, std::fabs(xg[i]));
-    const float scale = top > 0.f ? top / 127.f : 1.f;
 #endif
     for (; k < gs; ++k) {
       const float r = std::nearbyint(xg[k] / scale);  // the default rounding mode: ties to even, as torch.round
@@ -424,6 +448,137 @@ inline void int4_a8_rows_m(const int8_t* q, const float* s, const uint8_t* p, co
 #else
   for (int m = 0; m < Mr; ++m) int4_a8_rows(q + m * K, s + m * G, p, scales, out + m * ldo, K, G, 0, 1);
 #endif
+}
+
+// Whether the int8-activation products take VNNI where the build has it; the tests switch it off to check the
+// AVX2 products on the same machine.
+#ifdef LEANGPT_VNNI
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+inline bool& vnni_on() {
+  static bool on = kVnni;
+  return on;
+}
+
+// f(std::true_type{}) where the VNNI products run, else f(std::false_type{}): kernels take it as a template flag.
+template <typename F>
+inline void with_vnni(F&& f) {
+  if (kVnni && vnni_on()) return f(std::integral_constant<bool, kVnni>{});
+  f(std::false_type{});
+}
+
+// int8 activations of int8 layers (int8-a8): a whole input row x[0:K] is rounded to q = round(x / s) (ties to
+// even), s = max |x| / 127 (1 for a zero row), in input order; one scale a row, as torchao's and SmoothQuant's
+// dynamic per-token int8 do. Returns s; *sum32 = Σ q over the whole 32s of inputs (the offset that VNNI's
+// unsigned products take off).
+inline float round_row(const float* x, int64_t K, int8_t* q, int32_t* sum32) {
+  const float top = absmax(x, K), scale = top > 0.f ? top / 127.f : 1.f;
+  int64_t k = 0;
+#ifdef LEANGPT_AVX2
+  const __m256 vs = _mm256_set1_ps(scale);
+  __m256 unused = _mm256_setzero_ps();
+  for (; k + 32 <= K; k += 32) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), round32(x + k, vs, unused));
+#endif
+  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] / scale));
+  int32_t total = 0;
+  for (k = 0; k < K / 32 * 32; ++k) total += q[k];
+  *sum32 = total;
+  return scale;
+}
+
+#ifdef LEANGPT_AVX2
+inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// acc + Σ w x of signed bytes, four a 32-bit lane. AVX2: maddubs of |x| (unsigned) and w with x's sign (pairs of
+// at most 2 · 127 · 127: no saturation). VNNI: w ^ 0x80 = w + 128 as unsigned bytes (wu, flipped once by the
+// caller for every row that reads it), so it adds Σ (w + 128) x: the caller takes 128 Σ x off.
+template <bool Vnni>
+inline __m256i dot_i8(__m256i acc, __m256i w, __m256i x) {
+#ifdef LEANGPT_VNNI
+  if constexpr (Vnni) return LEANGPT_DPBUSD(acc, w, x);
+#endif
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+template <bool Vnni>
+inline __m256i weights_i8(const int8_t* p) {  // 32 weights as dot_i8 takes them
+  const __m256i w = load32(p);
+  return Vnni ? _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))) : w;
+}
+
+inline int32_t hsum_i32(__m256i a) {  // the sum of a's lanes
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+}
+#endif
+
+// y[n0:n1] = scales[n] · s · Σ_k q[n, k] xq[k] for one int8-a8 input row (xq, s, sum32: from round_row) and the
+// outputs n0:n1 (n1 - n0 <= kInt8Block) of an int8 layer: 32-bit integer sums over the whole row, then one
+// conversion; inputs past the whole 32s by scalar code.
+template <bool Vnni>
+inline void int8_a8_rows(const int8_t* xq, float s, int32_t sum32, const int8_t* q, const float* scales, float* y,
+                         int64_t K, int64_t n0, int64_t n1) {
+  int32_t dots[kInt8Block] = {};
+  int64_t done = 0;  // inputs the vector code summed
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == kInt8Block) {
+    const int8_t* w = q + n0 * K;
+    __m256i acc[kInt8Block];
+    for (int i = 0; i < kInt8Block; ++i) acc[i] = _mm256_setzero_si256();
+    for (; done + 32 <= K; done += 32) {
+      const __m256i x = load32(xq + done);
+      for (int i = 0; i < kInt8Block; ++i) acc[i] = dot_i8<Vnni>(acc[i], weights_i8<Vnni>(w + i * K + done), x);
+    }
+    for (int i = 0; i < kInt8Block; ++i) dots[i] = hsum_i32(acc[i]) - (Vnni ? 128 * sum32 : 0);
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    int32_t d = dots[n - n0];
+    for (int64_t k = done; k < K; ++k) d += static_cast<int32_t>(q[n * K + k]) * xq[k];
+    y[n] = static_cast<float>(d) * s * scales[n];
+  }
+}
+
+// y[m * ldy + n] as int8_a8_rows for Mr input rows m (xq: Mr rows, ldq apart; s, sum32: Mr each) and the outputs
+// n0:n1, n1 - n0 <= 2: each weight vector is loaded once for all Mr rows.
+template <int Mr, bool Vnni>
+inline void int8_a8_rows_m(const int8_t* xq, int64_t ldq, const float* s, const int32_t* sum32, const int8_t* q,
+                           const float* scales, float* y, int64_t K, int64_t ldy, int64_t n0, int64_t n1) {
+  int32_t dots[Mr][2] = {};
+  int64_t done = 0;
+#ifdef LEANGPT_AVX2
+  if (n1 - n0 == 2) {
+    const int8_t *w0 = q + n0 * K, *w1 = w0 + K;
+    __m256i a0[Mr], a1[Mr];
+    for (int m = 0; m < Mr; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
+    for (; done + 32 <= K; done += 32) {
+      if (done % 64 == 0) {  // the next two rows, fetched while these compute
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + done), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w1 + 2 * K + done), _MM_HINT_T0);
+      }
+      const __m256i v0 = weights_i8<Vnni>(w0 + done), v1 = weights_i8<Vnni>(w1 + done);
+      for (int m = 0; m < Mr; ++m) {
+        const __m256i x = load32(xq + m * ldq + done);
+        a0[m] = dot_i8<Vnni>(a0[m], v0, x);
+        a1[m] = dot_i8<Vnni>(a1[m], v1, x);
+      }
+    }
+    for (int m = 0; m < Mr; ++m) {
+      const int32_t offset = Vnni ? 128 * sum32[m] : 0;
+      dots[m][0] = hsum_i32(a0[m]) - offset, dots[m][1] = hsum_i32(a1[m]) - offset;
+    }
+  }
+#endif
+  for (int m = 0; m < Mr; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t d = dots[m][n - n0];
+      for (int64_t k = done; k < K; ++k) d += static_cast<int32_t>(q[n * K + k]) * xq[m * ldq + k];
+      y[m * ldy + n] = static_cast<float>(d) * s[m] * scales[n];
+    }
 }
 
 // w[(n - n0) * K + k] = W[n, k] for the rows n0:n1 of an int8 layer.
