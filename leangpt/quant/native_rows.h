@@ -509,10 +509,10 @@ inline __m256i weights_i8(const int8_t* p) {  // 32 weights as dot_i8 takes them
   return Vnni ? _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))) : w;
 }
 
-inline int32_t hsum_i32(__m256i a) {  // the sum of a's lanes
-  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-  return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+inline __m256i hsum8_i32(const __m256i* a) {  // lane i: the sum of a[i]'s lanes (as hsum8)
+  const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+  const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
 }
 #endif
 
@@ -533,7 +533,13 @@ inline void int8_a8_rows(const int8_t* xq, float s, int32_t sum32, const int8_t*
       const __m256i x = load32(xq + done);
       for (int i = 0; i < kInt8Block; ++i) acc[i] = dot_i8<Vnni>(acc[i], weights_i8<Vnni>(w + i * K + done), x);
     }
-    for (int i = 0; i < kInt8Block; ++i) dots[i] = hsum_i32(acc[i]) - (Vnni ? 128 * sum32 : 0);
+    const __m256i d = _mm256_sub_epi32(hsum8_i32(acc), _mm256_set1_epi32(Vnni ? 128 * sum32 : 0));
+    if (done == K) {  // no inputs left: the eight outputs at once
+      const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s));
+      _mm256_storeu_ps(y + n0, _mm256_mul_ps(scaled, _mm256_loadu_ps(scales + n0)));
+      return;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots), d);
   }
 #endif
   for (int64_t n = n0; n < n1; ++n) {
@@ -552,9 +558,10 @@ inline void int8_a8_rows_m(const int8_t* xq, int64_t ldq, const float* s, const 
   int64_t done = 0;
 #ifdef LEANGPT_AVX2
   if (n1 - n0 == 2) {
+    static_assert(Mr <= 4, "one reduction of 2 * Mr accumulators");
     const int8_t *w0 = q + n0 * K, *w1 = w0 + K;
-    __m256i a0[Mr], a1[Mr];
-    for (int m = 0; m < Mr; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
+    __m256i acc[8];  // acc[2 m + j]: input row m, output n0 + j
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
     for (; done + 32 <= K; done += 32) {
       if (done % 64 == 0) {  // the next two rows, fetched while these compute
         _mm_prefetch(reinterpret_cast<const char*>(w0 + 2 * K + done), _MM_HINT_T0);
@@ -563,14 +570,14 @@ inline void int8_a8_rows_m(const int8_t* xq, int64_t ldq, const float* s, const 
       const __m256i v0 = weights_i8<Vnni>(w0 + done), v1 = weights_i8<Vnni>(w1 + done);
       for (int m = 0; m < Mr; ++m) {
         const __m256i x = load32(xq + m * ldq + done);
-        a0[m] = dot_i8<Vnni>(a0[m], v0, x);
-        a1[m] = dot_i8<Vnni>(a1[m], v1, x);
+        acc[2 * m] = dot_i8<Vnni>(acc[2 * m], v0, x);
+        acc[2 * m + 1] = dot_i8<Vnni>(acc[2 * m + 1], v1, x);
       }
     }
-    for (int m = 0; m < Mr; ++m) {
-      const int32_t offset = Vnni ? 128 * sum32[m] : 0;
-      dots[m][0] = hsum_i32(a0[m]) - offset, dots[m][1] = hsum_i32(a1[m]) - offset;
-    }
+    alignas(32) int32_t d[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(d), hsum8_i32(acc));
+    for (int m = 0; m < Mr; ++m)
+      for (int j = 0; j < 2; ++j) dots[m][j] = d[2 * m + j] - (Vnni ? 128 * sum32[m] : 0);
   }
 #endif
   for (int m = 0; m < Mr; ++m)
