@@ -67,6 +67,8 @@ class QuantizeConfig:
     group_size: int = 64
     calib_samples: int = 64  # GPTQ calibration windows from the train split
     calib_seq_len: int | None = None  # None: min(256, the model's context)
+    # each product's inputs: int8 (int4 per weight group, int8 per input row: integer products) or float
+    activations: str = "int8"
 
 
 @dataclass
@@ -146,6 +148,7 @@ class PipelineConfig:
             (bool(self.data.source), "data.source must name at least one source"),
             (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
             (self.quantize.calib_samples >= 1, "quantize.calib_samples must be >= 1"),
+            (self.quantize.activations in ("int8", "float"), "quantize.activations must be int8 or float"),
             (0 <= self.prune.heads < 1 and 0 <= self.prune.neurons < 1, "prune.heads and prune.neurons must be in [0, 1)"),
             (not self.prune.enabled or self.prune.heads > 0 or self.prune.neurons > 0,
              "prune.enabled needs prune.heads or prune.neurons > 0"),
@@ -267,7 +270,7 @@ def stage_train(cfg: TrainConfig, device: str, data: Path) -> Callable[[Path], d
 def stage_quantize(method: str, cfg: QuantizeConfig, device: str, dense: Path, data: Path) -> Callable[[Path], dict[str, Any]]:
     def run(tmp: Path) -> dict[str, Any]:
         settings = QuantizeSettings(model=dense, out=tmp, method=method, group_size=cfg.group_size, device=device,
-                                    overwrite=True, progress=False)
+                                    activations=cfg.activations, overwrite=True, progress=False)
         if method.startswith("gptq"):
             settings.calib_data, settings.calib_samples, settings.calib_seq_len = data, cfg.calib_samples, cfg.calib_seq_len
         result = quantize(settings)

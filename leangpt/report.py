@@ -33,7 +33,7 @@ def describe(name: str, variant: dict[str, Any], config: dict[str, Any]) -> str:
         how = ("int8 weights per output channel, round-to-nearest" if name == "int8" else
                f"int4 weights in groups of {q['group_size']} by GPTQ ({q['calib_samples']} calibration windows)")
         if str(stage.get("scheme", "")).endswith("-a8"):
-            how += ", each product's inputs rounded to int8 per group"
+            how += f", each product's inputs rounded to int8 per {'input row' if name == 'int8' else 'group'}"
         return f"{how}; {float_parts(stage.get('quantized_layers'), stage.get('tied_embeddings', True))}"
     if name == "pruned":
         p = config["prune"]

@@ -66,6 +66,9 @@ def test_tiny_run_writes_every_stage_and_the_report(tiny_run):
     assert "with Muon (lr 0.02)" in dense_line and f"{stage['tokens']:,} tokens in" in dense_line
     int4_line = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("- **gptq-int4**"))
     assert "inputs rounded to int8 per group" in int4_line  # the default int4 scheme, int4-g…-a8
+    int8_line = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("- **int8**"))
+    assert "inputs rounded to int8 per input row" in int8_line  # quantize.activations: int8-a8
+    assert results["variants"]["int8"]["stage"]["scheme"] == "int8-a8"
     assert len(results["load_average_start"]) == 3 and results["machine"]["cores"] >= 1
 
 
