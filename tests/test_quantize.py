@@ -362,9 +362,7 @@ def test_int8_activations_are_the_default_for_int4_and_every_kernel_rounds_them(
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("groups", [1, 3, 6])  # 3 groups of 32: a last 32 inputs outside the 64-input steps
-def test_native_integer_product_rounds_its_inputs_as_round_activations(group, groups):
-    if "native-int4" not in candidates(Scheme(4, group), CPU, 8, group):
-        pytest.skip("leangpt's C++ kernels cannot be built here")
+def test_native_integer_product_rounds_its_inputs_as_round_activations(group, groups, products):
     gen = torch.Generator().manual_seed(group + groups)
     K = group * groups
     qw = quantize_rtn(torch.randn(37, K, generator=gen) * 0.05, Scheme(4, group, "int8"))  # 37: a partial block

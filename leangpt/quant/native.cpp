@@ -119,19 +119,22 @@ at::Tensor int4_a8_gemv(const at::Tensor& x, const at::Tensor& packed, const at:
   const float* xsp = xs.data();
   at::parallel_for(0, blocks, std::max<int64_t>(1, 4 * kWorkPerTask / (K * kInt4Block)), [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * kInt4Block, n1 = std::min(N, b1 * kInt4Block), bytes = K / 2;
-    int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
-    for (; m + 4 <= M; m += 4)
-      for (int64_t n = n0; n < n1; ++n)
-        int4_a8_rows_m<4>(qp + m * K, xsp + m * G, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
-    for (; m + 2 <= M; m += 2)
-      for (int64_t n = n0; n < n1; ++n)
-        int4_a8_rows_m<2>(qp + m * K, xsp + m * G, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
-    for (; m < M; ++m)
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kInt4Block, r1 = std::min(N, r0 + kInt4Block);
-        int4_a8_rows(qp + m * K, xsp + m * G, pp + r0 * bytes, sp + r0 * G, yp + m * N + r0, K, G, r0, r1);
-      }
-    for (m = 0; m < M; ++m)
+    with_vnni([&](auto vnni) {
+      constexpr bool V = decltype(vnni)::value;
+      int64_t m = 0;  // four input rows at a time, then two, then one; this task's weights stay in cache
+      for (; m + 4 <= M; m += 4)
+        for (int64_t n = n0; n < n1; ++n)
+          int4_a8_rows_m<4, V>(qp + m * K, xsp + m * G, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+      for (; m + 2 <= M; m += 2)
+        for (int64_t n = n0; n < n1; ++n)
+          int4_a8_rows_m<2, V>(qp + m * K, xsp + m * G, pp + n * bytes, sp + n * G, yp + m * N + n, K, G, N);
+      for (; m < M; ++m)
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r0 = b * kInt4Block, r1 = std::min(N, r0 + kInt4Block);
+          int4_a8_rows<V>(qp + m * K, xsp + m * G, pp + r0 * bytes, sp + r0 * G, yp + m * N + r0, K, G, r0, r1);
+        }
+    });
+    for (int64_t m = 0; m < M; ++m)
       for (int64_t n = n0; n < n1; ++n) yp[m * N + n] -= dot(zp + n * G, sums.data() + m * G, G);
   });
   return y;

@@ -155,20 +155,25 @@ struct Linear {
     float *xs = s.xscales.data(), *sums = s.sums.data();
     for (int64_t m = 0; m < M; ++m) round_activations(x + m * ldx, K, G, q + m * K, xs + m * G, sums + m * G);
     const uint8_t* packed = w<uint8_t>();
-    for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
-      const int64_t t1 = std::min(n1, t0 + kTile);
-      int64_t m = 0;
-      for (; M > 1 && m + 4 <= M; m += 4)
-        for (int64_t n = t0; n < t1; ++n)
-          int4_a8_rows_m<4>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, ldy);
-      for (; M > 1 && m + 2 <= M; m += 2)
-        for (int64_t n = t0; n < t1; ++n)
-          int4_a8_rows_m<2>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, ldy);
-      for (; m < M; ++m)
-        for (int64_t n = t0; n < t1; n += kInt4Block)
-          int4_a8_rows(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, n,
-                       std::min(t1, n + kInt4Block));
-    }
+    with_vnni([&](auto vnni) {
+      constexpr bool V = decltype(vnni)::value;
+      for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+        const int64_t t1 = std::min(n1, t0 + kTile);
+        int64_t m = 0;
+        for (; M > 1 && m + 4 <= M; m += 4)
+          for (int64_t n = t0; n < t1; ++n)
+            int4_a8_rows_m<4, V>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G,
+                                 ldy);
+        for (; M > 1 && m + 2 <= M; m += 2)
+          for (int64_t n = t0; n < t1; ++n)
+            int4_a8_rows_m<2, V>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G,
+                                 ldy);
+        for (; m < M; ++m)
+          for (int64_t n = t0; n < t1; n += kInt4Block)
+            int4_a8_rows<V>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, n,
+                            std::min(t1, n + kInt4Block));
+      }
+    });
     finish(y, ldy, M, n0, n1, sums);
   }
 

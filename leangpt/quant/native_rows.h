@@ -24,9 +24,11 @@
 #if defined(LEANGPT_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define LEANGPT_VNNI 1
 #define LEANGPT_DPBUSD _mm256_dpbusd_epi32
+#define LEANGPT_DPBUSD128 _mm_dpbusd_epi32
 #elif defined(LEANGPT_AVX2) && defined(__AVXVNNI__)
 #define LEANGPT_VNNI 1
 #define LEANGPT_DPBUSD _mm256_dpbusd_avx_epi32
+#define LEANGPT_DPBUSD128 _mm_dpbusd_avx_epi32
 #endif
 
 namespace leangpt {
@@ -34,6 +36,25 @@ namespace leangpt {
 // Output rows computed together: each input vector is loaded once for all of them, and their independent
 // accumulators hide the latency of the multiply-adds.
 constexpr int64_t kFloatBlock = 8, kInt8Block = 8, kInt4Block = 4;
+
+// Whether the int8-activation products take VNNI where the build has it; the tests switch it off to check the
+// AVX2 products on the same machine.
+#ifdef LEANGPT_VNNI
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+inline bool& vnni_on() {
+  static bool on = kVnni;
+  return on;
+}
+
+// f(std::true_type{}) where the VNNI products run, else f(std::false_type{}): kernels take it as a template flag.
+template <typename F>
+inline void with_vnni(F&& f) {
+  if (kVnni && vnni_on()) return f(std::integral_constant<bool, kVnni>{});
+  f(std::false_type{});
+}
 
 
 #ifdef LEANGPT_AVX2
@@ -337,7 +358,12 @@ inline void round_activations(const float* x, int64_t K, int64_t G, int8_t* q, f
 #ifdef LEANGPT_AVX2
 // The integer dots of 32 packed bytes (64 nibbles: 0-15 and 32-47 low, 16-31 and 48-63 high) with a8 inputs xa
 // (their order's first 32) and xb, as floats: lanes 0-3 sum inputs 0-31, lanes 4-7 inputs 32-63.
+// VNNI: two byte dot products straight into 32 bits.
+template <bool Vnni>
 inline __m256 int4_a8_dots(__m256i lo, __m256i hi, __m256i xa, __m256i xb) {
+#ifdef LEANGPT_VNNI
+  if constexpr (Vnni) return _mm256_cvtepi32_ps(LEANGPT_DPBUSD(LEANGPT_DPBUSD(_mm256_setzero_si256(), lo, xa), hi, xb));
+#endif
   const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
@@ -348,10 +374,11 @@ inline void nibbles(const uint8_t* p, __m256i& lo, __m256i& hi) {  // 32 packed 
   lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
 }
 
+template <bool Vnni>
 inline __m256 int4_a8_dots(const uint8_t* p, __m256i xa, __m256i xb) {  // from the packed bytes
   __m256i lo, hi;
   nibbles(p, lo, hi);
-  return int4_a8_dots(lo, hi, xa, xb);
+  return int4_a8_dots<Vnni>(lo, hi, xa, xb);
 }
 
 // Two floats of a 64-input step as lanes 0-3 and 4-7: one of group g0's, one of g1's (the same group from 64
@@ -361,13 +388,19 @@ inline __m256 halves(const float* v, int64_t g0, int64_t g1) {
 }
 
 // The integer dot of a last 32 inputs (16 packed bytes) times its two scales, by 128-bit vectors.
+template <bool Vnni>
 inline float int4_a8_tail(const int8_t* q, float xs, const uint8_t* p, float ws) {
   const __m128i low4 = _mm_set1_epi8(0x0F);
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-  const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q))),
-                                      _mm_maddubs_epi16(hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
-  __m128i d = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
+  const __m128i xa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i xb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
+  __m128i d;
+#ifdef LEANGPT_VNNI
+  if constexpr (Vnni) d = LEANGPT_DPBUSD128(LEANGPT_DPBUSD128(_mm_setzero_si128(), lo, xa), hi, xb);
+  else
+#endif
+    d = _mm_madd_epi16(_mm_add_epi16(_mm_maddubs_epi16(lo, xa), _mm_maddubs_epi16(hi, xb)), _mm_set1_epi16(1));
   d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0x4E));
   d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0xB1));
   return static_cast<float>(_mm_cvtsi128_si32(d)) * xs * ws;
@@ -376,8 +409,9 @@ inline float int4_a8_tail(const int8_t* q, float xs, const uint8_t* p, float ws)
 
 // Σ_g scales[n, g] s[g] Σ_k q4[n, k] q[k] for the output rows n0:n1 (n1 - n0 <= kInt4Block) of one a8 input row
 // (q, s: from round_activations), into out[0 : n1 - n0]. p, scales: row n0's packed bytes and scales. Unsigned
-// nibbles times signed bytes by maddubs (pairs of products, at most 2 · 15 · 127 each: no saturation), summed
-// as 32-bit integers for each 32 inputs, then scaled as floats.
+// nibbles times signed bytes by maddubs (pairs of products, at most 2 · 15 · 127 each: no saturation) or VNNI,
+// summed as 32-bit integers for each 32 inputs, then scaled as floats.
+template <bool Vnni>
 inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, const float* scales, float* out,
                          int64_t K, int64_t G, int64_t n0, int64_t n1) {
   const int64_t gs = K / G, half = K / 2;
@@ -392,14 +426,14 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
       const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b + 32));
       const __m256 xs = halves(s, g0, g1);
       for (int i = 0; i < kInt4Block; ++i) {
-        const __m256 dots = _mm256_mul_ps(int4_a8_dots(p + i * half + b / 2, xa, xb), xs);
+        const __m256 dots = _mm256_mul_ps(int4_a8_dots<Vnni>(p + i * half + b / 2, xa, xb), xs);
         sum[i] = _mm256_fmadd_ps(dots, halves(scales + i * G, g0, g1), sum[i]);
       }
     }
     _mm_storeu_ps(out, hsum4(sum));
     if (b < K)  // a last 32 inputs
       for (int i = 0; i < kInt4Block; ++i)
-        out[i] += int4_a8_tail(q + b, s[b / gs], p + i * half + b / 2, scales[i * G + b / gs]);
+        out[i] += int4_a8_tail<Vnni>(q + b, s[b / gs], p + i * half + b / 2, scales[i * G + b / gs]);
     return;
   }
 #endif
@@ -421,7 +455,7 @@ inline void int4_a8_rows(const int8_t* q, const float* s, const uint8_t* p, cons
 // out[m * ldo] = Σ_g scales[g] s[m, g] Σ_k q4[k] q[m, k] for Mr a8 input rows m (q: Mr rows of K, s: Mr rows of G,
 // from round_activations) and one output row (p, scales: its packed bytes and G scales): each weight vector is
 // unpacked once for all Mr rows. The zero points are applied by the caller.
-template <int Mr>
+template <int Mr, bool Vnni>
 inline void int4_a8_rows_m(const int8_t* q, const float* s, const uint8_t* p, const float* scales, float* out,
                            int64_t K, int64_t G, int64_t ldo) {
 #ifdef LEANGPT_AVX2
@@ -437,36 +471,17 @@ inline void int4_a8_rows_m(const int8_t* q, const float* s, const uint8_t* p, co
     for (int m = 0; m < Mr; ++m) {
       const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + b));
       const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + m * K + b + 32));
-      const __m256 dots = _mm256_mul_ps(int4_a8_dots(lo, hi, xa, xb), halves(s + m * G, g0, g1));
+      const __m256 dots = _mm256_mul_ps(int4_a8_dots<Vnni>(lo, hi, xa, xb), halves(s + m * G, g0, g1));
       sum[m] = _mm256_fmadd_ps(dots, sw, sum[m]);
     }
   }
   for (int m = 0; m < Mr; ++m) out[m * ldo] = hsum(sum[m]);
   if (b < K)  // a last 32 inputs
     for (int m = 0; m < Mr; ++m)
-      out[m * ldo] += int4_a8_tail(q + m * K + b, s[m * G + b / gs], p + b / 2, scales[b / gs]);
+      out[m * ldo] += int4_a8_tail<Vnni>(q + m * K + b, s[m * G + b / gs], p + b / 2, scales[b / gs]);
 #else
-  for (int m = 0; m < Mr; ++m) int4_a8_rows(q + m * K, s + m * G, p, scales, out + m * ldo, K, G, 0, 1);
+  for (int m = 0; m < Mr; ++m) int4_a8_rows<Vnni>(q + m * K, s + m * G, p, scales, out + m * ldo, K, G, 0, 1);
 #endif
-}
-
-// Whether the int8-activation products take VNNI where the build has it; the tests switch it off to check the
-// AVX2 products on the same machine.
-#ifdef LEANGPT_VNNI
-constexpr bool kVnni = true;
-#else
-constexpr bool kVnni = false;
-#endif
-inline bool& vnni_on() {
-  static bool on = kVnni;
-  return on;
-}
-
-// f(std::true_type{}) where the VNNI products run, else f(std::false_type{}): kernels take it as a template flag.
-template <typename F>
-inline void with_vnni(F&& f) {
-  if (kVnni && vnni_on()) return f(std::integral_constant<bool, kVnni>{});
-  f(std::false_type{});
 }
 
 // int8 activations of int8 layers (int8-a8): a whole input row x[0:K] is rounded to q = round(x / s) (ties to
