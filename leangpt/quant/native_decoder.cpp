@@ -116,21 +116,30 @@ struct Linear {
     if (a8) return a8_rows(x, ldx, y, ldy, M, n0, n1, s);
     if (kind == kInt4 && M >= kDequantRows) return dequantized_rows(x, ldx, y, ldy, M, n0, n1, s.tile.data());
     if (kind == kInt4) group_sums(x, ldx, M, sums);
-    for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
-      const int64_t t1 = std::min(n1, t0 + kTile);
-      int64_t m = 0;
-      if (M > 1) {
-        for (; m + 4 <= M; m += 4) several_rows<4>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
-        for (; m + 2 <= M; m += 2) several_rows<2>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
+    by_tiles(M, n0, n1, [&](auto rows, int64_t m, int64_t t0, int64_t t1) {
+      if constexpr (decltype(rows)::value > 1) {
+        several_rows<decltype(rows)::value>(x + m * ldx, ldx, y + m * ldy, ldy, t0, t1);
+      } else {
+        for (int64_t n = t0; n < t1; n += kRowAlign) one_row(x + m * ldx, y + m * ldy, n, std::min(t1, n + kRowAlign));
       }
-      for (; m < M; ++m)
-        for (int64_t n = t0; n < t1; n += kRowAlign)
-          one_row(x + m * ldx, y + m * ldy, n, std::min(t1, n + kRowAlign));
-    }
+    });
     finish(y, ldy, M, n0, n1, sums);
   }
 
  private:
+  // f(rows, m, t0, t1) for each tile t0:t1 of the outputs n0:n1 and, within it, the M input rows four at a time,
+  // then two, then one (rows: std::integral_constant of 4, 2 or 1; m: the first of them).
+  template <typename F>
+  static void by_tiles(int64_t M, int64_t n0, int64_t n1, F&& f) {
+    for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+      const int64_t t1 = std::min(n1, t0 + kTile);
+      int64_t m = 0;
+      for (; M > 1 && m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m, t0, t1);
+      for (; M > 1 && m + 2 <= M; m += 2) f(std::integral_constant<int, 2>{}, m, t0, t1);
+      for (; m < M; ++m) f(std::integral_constant<int, 1>{}, m, t0, t1);
+    }
+  }
+
   // rows() for many input rows of an int4 layer: each block of kRowAlign outputs is dequantized into
   // `tile` (kRowAlign * K floats, in the L1 cache) once, then multiplied with every input row as float weights.
   void dequantized_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
@@ -157,28 +166,23 @@ struct Linear {
     const uint8_t* packed = w<uint8_t>();
     with_vnni([&](auto vnni) {
       constexpr bool V = decltype(vnni)::value;
-      for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
-        const int64_t t1 = std::min(n1, t0 + kTile);
-        int64_t m = 0;
-        for (; M > 1 && m + 4 <= M; m += 4)
+      by_tiles(M, n0, n1, [&](auto rows, int64_t m, int64_t t0, int64_t t1) {
+        constexpr int Mr = decltype(rows)::value;
+        const int8_t* qm = q + m * K;
+        if constexpr (Mr > 1) {
           for (int64_t n = t0; n < t1; ++n)
-            int4_a8_rows_m<4, V>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G,
-                                 ldy);
-        for (; M > 1 && m + 2 <= M; m += 2)
-          for (int64_t n = t0; n < t1; ++n)
-            int4_a8_rows_m<2, V>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G,
-                                 ldy);
-        for (; m < M; ++m)
+            int4_a8_rows_m<Mr, V>(qm, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, ldy);
+        } else {
           for (int64_t n = t0; n < t1; n += kInt4Block)
-            int4_a8_rows<V>(q + m * K, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, n,
+            int4_a8_rows<V>(qm, xs + m * G, packed + n * (K / 2), scales + n * G, y + m * ldy + n, K, G, n,
                             std::min(t1, n + kInt4Block));
-      }
+        }
+      });
     });
     finish(y, ldy, M, n0, n1, sums);
   }
 
-  // a8_rows() of an int8 layer: each input row rounded to int8 with one scale (round_row), then for each tile
-  // of outputs four rows at a time, then two, then one.
+  // a8_rows() of an int8 layer: each input row rounded to int8 with one scale (round_row), then integer products.
   void int8_a8_all_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1,
                         Scratch& s) const {
     int8_t* q = s.xq.data();
@@ -188,21 +192,17 @@ struct Linear {
     const int8_t* wq = w<int8_t>();
     with_vnni([&](auto vnni) {
       constexpr bool V = decltype(vnni)::value;
-      for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
-        const int64_t t1 = std::min(n1, t0 + kTile);
-        int64_t m = 0;
-        for (; M > 1 && m + 4 <= M; m += 4)
+      by_tiles(M, n0, n1, [&](auto rows, int64_t m, int64_t t0, int64_t t1) {
+        constexpr int Mr = decltype(rows)::value;
+        if constexpr (Mr > 1) {
           for (int64_t n = t0; n < t1; n += 2)
-            int8_a8_rows_m<4, V>(q + m * K, K, xs + m, sum32 + m, wq, scales, y + m * ldy, K, ldy, n,
-                                 std::min(t1, n + 2));
-        for (; M > 1 && m + 2 <= M; m += 2)
-          for (int64_t n = t0; n < t1; n += 2)
-            int8_a8_rows_m<2, V>(q + m * K, K, xs + m, sum32 + m, wq, scales, y + m * ldy, K, ldy, n,
-                                 std::min(t1, n + 2));
-        for (; m < M; ++m)
+            int8_a8_rows_m<Mr, V>(q + m * K, K, xs + m, sum32 + m, wq, scales, y + m * ldy, K, ldy, n,
+                                  std::min(t1, n + 2));
+        } else {
           for (int64_t n = t0; n < t1; n += kInt8Block)
             int8_a8_rows<V>(q + m * K, xs[m], sum32[m], wq, scales, y + m * ldy, K, n, std::min(t1, n + kInt8Block));
-      }
+        }
+      });
     });
     finish(y, ldy, M, n0, n1, nullptr);
   }
