@@ -26,7 +26,8 @@ def _tensor(t: torch.Tensor | None) -> torch.Tensor:
 
 def _linear(module: nn.Module) -> tuple[int, list[torch.Tensor]]:
     """The C++ kind of a linear layer and its four tensors; ValueError if it has no C++ product."""
-    if isinstance(module, NativeInt8Linear):  # kinds 4 and 3: int8-rounded inputs, integer products
+    # kinds 4 (int8) and 3 (int4): int8-rounded inputs, integer products
+    if isinstance(module, NativeInt8Linear):
         kind = 4 if module.scheme.activations == "int8" else 1
         return kind, [module.q, module.qscales, _NONE, _tensor(module.bias)]
     if isinstance(module, NativeInt4Linear):
