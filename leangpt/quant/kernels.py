@@ -453,10 +453,13 @@ class NativeLinear(QuantLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xf, ops = float_input(x, self.in_pad), torch.ops.leangpt_native
-        if xf.shape[0] <= self.gemv_rows:
-            a8 = self.scheme.activations == "int8"
-            gemv = (ops.int8_a8_gemv if a8 else ops.int8_gemv) if self.scheme.bits == 8 else (
-                ops.int4_a8_gemv if a8 else ops.int4_gemv)
+        a8 = self.scheme.activations == "int8"
+        if a8 and self.scheme.bits == 8:
+            # integer products at any row count: 1.3-3.9x faster than dequantize-then-matmul from 64 to 1,024 rows
+            # (AVX-512 EPYC with VNNI, 2026-12-08), where int4-a8's lose from 256 rows on
+            y = ops.int8_a8_gemv(xf, *self.weights())
+        elif xf.shape[0] <= self.gemv_rows:
+            gemv = ops.int8_gemv if self.scheme.bits == 8 else (ops.int4_a8_gemv if a8 else ops.int4_gemv)
             y = gemv(xf, *self.weights())
         else:
             y = F.linear(xf, (ops.int8_dequant if self.scheme.bits == 8 else ops.int4_dequant)(*self.weights()))
