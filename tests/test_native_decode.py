@@ -202,6 +202,22 @@ def test_a_quantized_table_is_looked_up_by_the_model(tied):
     assert step_errors(model) < 1e-5
 
 
+def test_prompts_of_quantized_models_take_the_step_up_to_its_larger_limit():
+    # Quantized layers keep the C++ step ahead of the Python forward for whole prompts (NativeDecoder's comment),
+    # float layers only up to max_rows tokens.
+    model = quantized(tiny(**QWEN3), 8)
+    assert NativeDecoder(model).max_rows == NativeDecoder.quantized_max_rows > NativeDecoder.max_rows
+    assert NativeDecoder(tiny(**QWEN3)).max_rows == NativeDecoder.max_rows
+    gen = torch.Generator().manual_seed(2)
+    requests = [Request(torch.randint(0, 256, (n,), generator=gen).tolist(), 5, GREEDY) for n in (40, 33, 47)]
+    engine = Engine(model)
+    assert engine.native_takes(40 + 33 + 47) and not engine.native_takes(NativeDecoder.quantized_max_rows + 1)
+    got, want = engine.generate(requests), Engine(model, native=False).generate(requests)
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    for g, w in zip(got, want):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
 def test_the_engine_decodes_one_row_by_the_step_and_equals_its_python_step():
     model = tiny(**QWEN3)
     requests = [Request([1, 2, 3], 12, GREEDY)]
