@@ -62,7 +62,7 @@ def main() -> int:
         decoders[name] = (NativeDecoder(model), True)
         a8 = any(getattr(getattr(m, "scheme", None), "activations", "float") == "int8" for m in model.modules())
         if args.avx2 and a8 and native.set_vnni(True):
-            decoders[f"{name} avx2"] = (decoders[name][0], False)
+            decoders[f"{name} avx2"] = (NativeDecoder(model), False)  # its own buffers, as every candidate
     results: dict[str, dict[str, float]] = {}
     for rows in ROWS:
         timers = {name: step_timer(d, rows, args.steps, vnni) for name, (d, vnni) in decoders.items()}
