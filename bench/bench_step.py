@@ -24,6 +24,7 @@ from leangpt.checkpoint import load_model
 from leangpt.machine import describe, paired_medians
 from leangpt.native_decode import NativeDecoder, unsupported
 from leangpt.quant import native
+from leangpt.quant.kernels import QuantLinear
 
 ROWS = (1, 2, 4, 8, 16)
 
@@ -60,7 +61,7 @@ def main() -> int:
             return 1
         model.setup_cache(max(ROWS), 256)
         decoders[name] = (NativeDecoder(model), True)
-        a8 = any(getattr(getattr(m, "scheme", None), "activations", "float") == "int8" for m in model.modules())
+        a8 = any(isinstance(m, QuantLinear) and m.scheme.activations == "int8" for m in model.modules())
         if args.avx2 and a8 and native.set_vnni(True):
             decoders[f"{name} avx2"] = (NativeDecoder(model), False)  # its own buffers, as every candidate
     results: dict[str, dict[str, float]] = {}

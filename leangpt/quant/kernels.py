@@ -50,7 +50,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.scheme.activations == "int8":
+        if self.scheme.activations == "int8" and not self.rounds_inputs(x.numel() // shape[-1]):
             x = round_activations(x, self.scheme.activation_group(self.in_features))
         y = self.matmul(x.reshape(-1, shape[-1]))  # (N, out)
         if self.bias is not None:
@@ -59,6 +59,11 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def rounds_inputs(self, rows: int) -> bool:
+        """Whether matmul of this many rows rounds an int8-activation scheme's inputs itself, as round_activations
+        does (then forward leaves them to it)."""
+        return False
 
 
 class ReferenceLinear(QuantLinear):
@@ -432,8 +437,9 @@ class NativeLinear(QuantLinear):
     """Base of the kernels in leangpt's own C++ (native.cpp, built once per machine for its instruction set):
     up to `gemv_rows` rows of activations take a product that reads the stored integers at their width and
     converts them in registers, once for every four rows; more rows dequantize the layer once per call, then
-    matmul. Float activations and accumulation: dequantize-then-matmul up to float rounding (an a8 layer's rows,
-    rounded by QuantLinear.forward, take the integer products int4_a8_gemv / int8_a8_gemv). Inside a compiled
+    matmul. Float activations and accumulation: dequantize-then-matmul up to float rounding (an a8 layer's rows
+    take the integer products int4_a8_gemv / int8_a8_gemv, which round them as round_activations does, so
+    QuantLinear.forward leaves them as they are: rounding them twice cost 0.3-2x the product). Inside a compiled
     model the operators are called from the compiled graph."""
 
     gemv_rows = GEMV_ROWS
@@ -451,16 +457,17 @@ class NativeLinear(QuantLinear):
     def weights(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    def rounds_inputs(self, rows: int) -> bool:
+        # int8-a8 takes its integer products at any row count: 1.3-3.9x faster than dequantize-then-matmul from 64
+        # to 1,024 rows (AVX-512 EPYC with VNNI, 2026-12-08), where int4-a8's lose from 256 rows on
+        return self.scheme.activations == "int8" and (self.scheme.bits == 8 or rows <= self.gemv_rows)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xf, ops = float_input(x, self.in_pad), torch.ops.leangpt_native
-        a8 = self.scheme.activations == "int8"
-        if a8 and self.scheme.bits == 8:
-            # integer products at any row count: 1.3-3.9x faster than dequantize-then-matmul from 64 to 1,024 rows
-            # (AVX-512 EPYC with VNNI, 2026-12-08), where int4-a8's lose from 256 rows on
-            y = ops.int8_a8_gemv(xf, *self.weights())
+        if self.rounds_inputs(xf.shape[0]):  # the C++ rounds the rows, then integer products
+            y = (ops.int8_a8_gemv if self.scheme.bits == 8 else ops.int4_a8_gemv)(xf, *self.weights())
         elif xf.shape[0] <= self.gemv_rows:
-            gemv = ops.int8_gemv if self.scheme.bits == 8 else (ops.int4_a8_gemv if a8 else ops.int4_gemv)
-            y = gemv(xf, *self.weights())
+            y = (ops.int8_gemv if self.scheme.bits == 8 else ops.int4_gemv)(xf, *self.weights())
         else:
             y = F.linear(xf, (ops.int8_dequant if self.scheme.bits == 8 else ops.int4_dequant)(*self.weights()))
         return y.to(x.dtype)

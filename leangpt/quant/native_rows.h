@@ -493,13 +493,13 @@ inline float round_row(const float* x, int64_t K, int8_t* q, int32_t* sum32) {
   int64_t k = 0;
 #ifdef LEANGPT_AVX2
   const __m256 vs = _mm256_set1_ps(scale);
-  __m256 unused = _mm256_setzero_ps();
-  for (; k + 32 <= K; k += 32) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), round32(x + k, vs, unused));
+  __m256 vsum = _mm256_setzero_ps();
+  for (; k + 32 <= K; k += 32) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), round32(x + k, vs, vsum));
+  *sum32 = static_cast<int32_t>(hsum(vsum));  // integers: exact in float while 127 K < 2^24
+#else
+  *sum32 = 0;  // only VNNI's products read it
 #endif
   for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] / scale));
-  int32_t total = 0;
-  for (k = 0; k < K / 32 * 32; ++k) total += q[k];
-  *sum32 = total;
   return scale;
 }
 
